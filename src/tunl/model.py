@@ -1,0 +1,163 @@
+"""Value types shared by every layer: tunnel modes, tunnel specs, routes.
+
+A TunnelSpec is validated when it is built; the error names the field and the rule, the way
+iproute2 words it where iproute2 has a rule.
+"""
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import asdict, dataclass, field, replace
+from ipaddress import IPv4Address, IPv4Network
+
+from .errors import ConfigError
+
+IFNAMSIZ = 16  # include/uapi/linux/if.h: 15 characters and the NUL
+
+
+class TunnelMode(enum.Enum):
+    """`ip tunnel` modes: value is the word, `proto` the outer IP protocol number."""
+
+    IPIP = "ipip"
+    GRE = "gre"
+    SIT = "sit"
+    ISATAP = "isatap"
+    VTI = "vti"
+
+    @property
+    def proto(self) -> int:
+        return {"ipip": 4, "gre": 47, "sit": 41, "isatap": 41, "vti": 4}[self.value]
+
+    @property
+    def show_name(self) -> str:
+        """What `ip tunnel show` prints before "/ip" (tnl_strproto())."""
+        return {4: "ip", 47: "gre", 41: "ipv6"}[self.proto]
+
+    @property
+    def overhead(self) -> int:
+        """Bytes of outer headers in front of the inner packet (without GRE options)."""
+        return 20 + (4 if self is TunnelMode.GRE else 0)
+
+
+def check_ifname(name: str, word: str = "name") -> str:
+    """The rules of iproute2's check_ifname() (and the kernel's dev_valid_name())."""
+    if not name:
+        raise ConfigError(f'{word} "": a device name must not be empty')
+    if len(name) >= IFNAMSIZ:
+        raise ConfigError(f'{word} "{name}": a device name has at most {IFNAMSIZ - 1} characters')
+    if name in (".", "..") or any(c in "/:" or c.isspace() for c in name):
+        raise ConfigError(f'{word} "{name}": a device name has no "/", ":" or white space')
+    return name
+
+
+def parse_ipv4(text: str, word: str) -> IPv4Address | None:
+    """An ADDR of iproute2: a dotted quad, or "any" for none."""
+    if text == "any":
+        return None
+    try:
+        return IPv4Address(text)
+    except ValueError:
+        raise ConfigError(f'{word} "{text}": an IPv4 address is a dotted quad or "any"') from None
+
+
+@dataclass(frozen=True)
+class TunnelSpec:
+    """One tunnel as `ip tunnel add` describes it.
+
+    ttl 0 means inherit; tos bit 0 means inherit (the rest is a fixed DS field), as in
+    struct ip_tunnel_parm.
+    """
+
+    name: str
+    mode: TunnelMode = TunnelMode.IPIP
+    remote: IPv4Address | None = None
+    local: IPv4Address | None = None
+    ttl: int = 0
+    tos: int = 0
+    pmtudisc: bool = True
+    dev: str | None = None
+    ikey: int | None = None
+    okey: int | None = None
+    iseq: bool = False
+    oseq: bool = False
+    icsum: bool = False
+    ocsum: bool = False
+
+    def __post_init__(self) -> None:
+        check_ifname(self.name)
+        if self.dev is not None:
+            check_ifname(self.dev, "dev")
+        if not 0 <= self.ttl <= 255:
+            raise ConfigError(f"ttl {self.ttl}: TTL is 1..255 or inherit")
+        if not 0 <= self.tos <= 255:
+            raise ConfigError(f"tos {self.tos:#x}: TOS is 00..ff, inherit or inherit/00..ff")
+        if self.ttl and not self.pmtudisc:
+            # iproute2 do_add(): "ttl != 0 and nopmtudisc are incompatible"
+            raise ConfigError(f"ttl {self.ttl} with nopmtudisc: a fixed ttl needs pmtudisc")
+        gre_only = self.ikey is not None or self.okey is not None
+        if gre_only and self.mode is not TunnelMode.GRE:
+            raise ConfigError(f"key with mode {self.mode.value}: keys are only for gre tunnels")
+        for k in ("ikey", "okey"):
+            v = getattr(self, k)
+            if v is not None and not 0 <= v <= 0xFFFFFFFF:
+                raise ConfigError(f"{k} {v}: a key is a 32-bit number or a dotted quad")
+        if (self.iseq or self.oseq or self.icsum or self.ocsum) and self.mode is not TunnelMode.GRE:
+            raise ConfigError(f"seq/csum with mode {self.mode.value}: only gre tunnels have them")
+        if self.remote is not None and self.remote.is_multicast and self.local is None:
+            raise ConfigError(f"remote {self.remote}: a broadcast tunnel requires a local address")
+
+    @property
+    def nbma(self) -> bool:
+        """No remote: the outer destination comes from the route (the kernel's NBMA mode)."""
+        return self.remote is None
+
+    def with_(self, **changes) -> "TunnelSpec":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mode"] = self.mode.value
+        d["remote"] = str(self.remote) if self.remote else None
+        d["local"] = str(self.local) if self.local else None
+        return d
+
+    def to_compact(self) -> dict:
+        """Only the fields that differ from the defaults (for small records)."""
+        default = TunnelSpec(name=self.name).to_dict()
+        return {k: v for k, v in self.to_dict().items() if k == "name" or v != default[k]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TunnelSpec":
+        d = dict(d)
+        d["mode"] = TunnelMode(d.get("mode", "ipip"))
+        for k in ("remote", "local"):
+            if d.get(k):
+                d[k] = IPv4Address(d[k])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Route:
+    """A kernel route through a tunnel device: destination prefix and gateway (next hop)."""
+
+    dst: IPv4Network
+    gateway: IPv4Address | None = None
+    table: int = 254
+
+
+@dataclass(frozen=True)
+class TunnelStatus:
+    """What `show` reports of one tunnel: its spec and where it lives."""
+
+    spec: TunnelSpec
+    dataplane: str = "userspace"
+    ifindex: int = 0
+    mtu: int = 0
+    counters: dict = field(default_factory=dict)
+
+
+def network(text: str, word: str) -> IPv4Network:
+    try:
+        return ipaddress.IPv4Network(text, strict=False)
+    except ValueError:
+        raise ConfigError(f'{word} "{text}": an IPv4 prefix is a.b.c.d/len') from None

@@ -1,0 +1,38 @@
+"""ECN across a tunnel, as include/net/inet_ecn.h does it (RFC 6040)."""
+from ..wire.checksum import inet_checksum
+
+NOT_ECT, ECT_1, ECT_0, CE = 0, 1, 2, 3
+MASK = 3
+
+
+def encapsulate(outer_tos: int, inner_tos: int) -> int:
+    """INET_ECN_encapsulate(): copy the inner ECN field, but never CE (it becomes ECT(0))."""
+    inner = inner_tos & MASK
+    return (outer_tos & ~MASK) | (ECT_0 if inner == CE else inner)
+
+
+# results of decapsulate()
+OK, OK_LOG, DROP = 0, 1, 2
+
+
+def decapsulate(outer_tos: int, inner_tos: int) -> tuple[int, bool]:
+    """__INET_ECN_decapsulate(): (verdict, set inner CE).
+
+    A not-ECT inner packet under an outer CE is dropped (RFC 6040 §4.2); under ECT(0|1) it is
+    accepted and the kernel logs it. Otherwise an outer CE marks the inner packet CE.
+    """
+    outer = outer_tos & MASK
+    if inner_tos & MASK == NOT_ECT:
+        if outer == NOT_ECT:
+            return OK, False
+        return (DROP if outer == CE else OK_LOG), False
+    return OK, outer == CE
+
+
+def set_ce_ipv4(buf, off: int) -> None:
+    """IP_ECN_set_ce(): mark an ECT IPv4 header CE and fix its checksum."""
+    buf[off + 1] |= CE
+    hlen = (buf[off] & 0x0F) * 4
+    buf[off + 10] = buf[off + 11] = 0
+    c = inet_checksum(memoryview(buf)[off:off + hlen])
+    buf[off + 10], buf[off + 11] = c >> 8, c & 0xFF

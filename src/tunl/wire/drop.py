@@ -1,0 +1,17 @@
+"""Why a packet was dropped. The data plane counts drops by these reasons."""
+import enum
+
+
+class Drop(enum.Enum):
+    MALFORMED = "malformed"          # too short, or not the IP version it claims to be
+    BAD_HLEN = "bad_header_length"   # IHL < 5 or past the end of the packet
+    BAD_CHECKSUM = "bad_checksum"    # IPv4 header checksum does not verify
+    BAD_LENGTH = "bad_total_length"  # total length smaller than the header or past the end
+    NOT_IPV4 = "not_ipv4"            # an inner packet this mode cannot carry
+    WRONG_PROTO = "wrong_protocol"   # outer protocol is not this mode's
+    ECN = "ecn"                      # RFC 6040: outer CE over a not-ECT inner packet
+    NO_TUNNEL = "no_tunnel"          # no tunnel matches the outer addresses
+    NO_ROUTE = "no_route"            # no outer destination for an NBMA tunnel
+    TOO_BIG = "too_big"              # larger than the path MTU with DF: ICMP sent back
+    SEND_FAILED = "send_failed"      # the underlay refused the packet
+    TUNNEL_DOWN = "tunnel_down"      # the device is not up

@@ -1,0 +1,99 @@
+"""IPv4 header (RFC 791): named offsets for the hot path, a dataclass for everything else."""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+from .checksum import inet_checksum
+from .drop import Drop
+
+IPV4_HLEN = 20
+# offsets into the header
+OFF_VER_IHL, OFF_TOS, OFF_TOTLEN, OFF_ID, OFF_FRAG, OFF_TTL, OFF_PROTO, OFF_CSUM = (
+    0, 1, 2, 4, 6, 8, 9, 10)
+OFF_SRC, OFF_DST = 12, 16
+DF = 0x4000
+MF = 0x2000
+OFFSET_MASK = 0x1FFF
+
+PROTO_ICMP, PROTO_IPIP, PROTO_TCP, PROTO_UDP, PROTO_IPV6, PROTO_GRE = 1, 4, 6, 17, 41, 47
+
+HDR = struct.Struct("!BBHHHBBH4s4s")
+
+
+def validate(v) -> Drop | None:
+    """The checks of ip_rcv_core(): version, header length, checksum, total length.
+
+    Returns None for a packet the kernel would accept, else the reason to drop it.
+    A packet may be followed by padding: total length may be less than len(v).
+    """
+    n = len(v)
+    if n < IPV4_HLEN or v[0] >> 4 != 4:
+        return Drop.MALFORMED
+    ihl = (v[0] & 0x0F) * 4
+    if ihl < IPV4_HLEN or ihl > n:
+        return Drop.BAD_HLEN
+    if inet_checksum(v[:ihl]) != 0:
+        return Drop.BAD_CHECKSUM
+    tot = (v[2] << 8) | v[3]
+    if tot < ihl or tot > n:
+        return Drop.BAD_LENGTH
+    return None
+
+
+def pack_header_into(buf, off: int, *, tos: int, total_len: int, ident: int, frag: int,
+                     ttl: int, proto: int, src: bytes, dst: bytes) -> None:
+    """Write a 20-byte header with its checksum at buf[off:off+20]."""
+    HDR.pack_into(buf, off, 0x45, tos, total_len, ident, frag, ttl, proto, 0, src, dst)
+    csum = inet_checksum(memoryview(buf)[off:off + IPV4_HLEN])
+    buf[off + OFF_CSUM] = csum >> 8
+    buf[off + OFF_CSUM + 1] = csum & 0xFF
+
+
+@dataclass(frozen=True)
+class IPv4Header:
+    src: IPv4Address
+    dst: IPv4Address
+    proto: int
+    ttl: int = 64
+    tos: int = 0
+    ident: int = 0
+    flags_frag: int = DF
+    total_len: int = IPV4_HLEN
+    ihl: int = 5
+    checksum: int = 0
+    options: bytes = b""
+
+    @property
+    def df(self) -> bool:
+        return bool(self.flags_frag & DF)
+
+    @classmethod
+    def parse(cls, data) -> "IPv4Header":
+        """Decode a header; raises ValueError naming the rule it breaks."""
+        why = validate(data)
+        if why is not None:
+            raise ValueError(f"not a valid IPv4 packet: {why.value}")
+        ver_ihl, tos, tot, ident, frag, ttl, proto, csum, src, dst = HDR.unpack_from(data)
+        ihl = ver_ihl & 0x0F
+        return cls(IPv4Address(src), IPv4Address(dst), proto, ttl, tos, ident, frag, tot, ihl,
+                   csum, bytes(data[IPV4_HLEN:ihl * 4]))
+
+    def build(self, payload: bytes = b"") -> bytes:
+        """Header (with options and a fresh checksum) followed by payload."""
+        if len(self.options) % 4:
+            raise ValueError("IPv4 options are padded to a multiple of 4 bytes")
+        hlen = IPV4_HLEN + len(self.options)
+        buf = bytearray(hlen + len(payload))
+        HDR.pack_into(buf, 0, 0x40 | (hlen // 4), self.tos, len(buf), self.ident,
+                      self.flags_frag, self.ttl, self.proto, 0, self.src.packed, self.dst.packed)
+        buf[IPV4_HLEN:hlen] = self.options
+        buf[OFF_CSUM:OFF_CSUM + 2] = inet_checksum(buf[:hlen]).to_bytes(2, "big")
+        buf[hlen:] = payload
+        return bytes(buf)
+
+
+def build(src, dst, proto: int, payload: bytes, **kw) -> bytes:
+    """A whole IPv4 packet; src and dst as strings or IPv4Address."""
+    return IPv4Header(IPv4Address(src), IPv4Address(dst), proto, **kw).build(payload)
