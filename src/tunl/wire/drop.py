@@ -12,6 +12,7 @@ class Drop(enum.Enum):
     ECN = "ecn"                      # RFC 6040: outer CE over a not-ECT inner packet
     NO_TUNNEL = "no_tunnel"          # no tunnel matches the outer addresses
     NO_ROUTE = "no_route"            # no outer destination for an NBMA tunnel
+    DEAD_LOOP = "dead_loop"          # the outer destination is routed into the tunnel itself
     TOO_BIG = "too_big"              # larger than the path MTU with DF: ICMP sent back
     SEND_FAILED = "send_failed"      # the underlay refused the packet
     TUNNEL_DOWN = "tunnel_down"      # the device is not up

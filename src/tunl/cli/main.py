@@ -1,0 +1,182 @@
+"""tunl [ OPTIONS ] OBJECT { COMMAND | help }
+
+OBJECT := { tunnel | lab | daemon }
+OPTIONS := { -s[tatistics] | -j[son] | --dataplane { auto | userspace | kernel } }
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from ..errors import ConfigError, TunlError, UnsupportedError
+from ..model import TunnelSpec
+from . import grammar, show
+
+DATAPLANES = ("auto", "userspace", "kernel")
+
+
+def _need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise TunlError(f"{what}: needs root (tunld owns the namespace's tunnels)")
+
+
+def _call(op: str, **args):
+    from ..daemon import client      # imported late: `tunl help` must not need a daemon
+    return client.call(op, **args)
+
+
+def do_tunnel(argv: list[str], opts: dict) -> int:
+    if not argv:
+        argv = ["show"]
+    verb, words = argv[0], argv[1:]
+    if grammar.matches(verb, "help"):
+        sys.stdout.write("Usage: tunl tunnel { add | change | del | show | prl | 6rd } [ NAME ]\n"
+                         + grammar.USAGE.split("\n", 1)[1])
+        return 0
+    out = sys.stdout
+    if grammar.matches(verb, "add"):
+        spec = grammar.spec_for_add(words)
+        _need_root("tunnel add")
+        _call("add", spec=spec.to_dict(), dataplane=opts["dataplane"])
+        return 0
+    if grammar.matches(verb, "change"):
+        name = grammar.name_only(words, "change")
+        if name is None:
+            raise ConfigError("change: name the tunnel to change")
+        _need_root("tunnel change")
+        current = TunnelSpec.from_dict(_call("show", name=name)[0]["spec"])
+        spec = grammar.spec_for_change(words, current)
+        _call("change", spec=spec.to_dict(), dataplane=opts["dataplane"])
+        return 0
+    if grammar.matches(verb, "delete"):
+        name = grammar.name_only(words, "delete")
+        if name is None:
+            raise ConfigError("del: name the tunnel to delete")
+        _need_root("tunnel del")
+        _call("del", name=name)
+        return 0
+    if grammar.matches(verb, "show") or grammar.matches(verb, "lst") or grammar.matches(verb, "list"):
+        f = grammar.parse_words(words)
+        _need_root("tunnel show")
+        found = _call("show", name=f.get("name"))
+        found = [t for t in found if all(
+            str(t["spec"][k]) == str(v) for k, v in f.items() if k in ("mode", "remote", "local")
+            and not (k == "mode" and v.value == t["spec"]["mode"]))]
+        if opts["json"]:
+            json.dump([show.to_json(t) for t in found], out, indent=2 if opts["pretty"] else None)
+            out.write("\n")
+            return 0
+        for t in found:
+            out.write(show.tunnel_line(TunnelSpec.from_dict(t["spec"])) + "\n")
+            if opts["stats"]:
+                out.write(show.stats_lines(t["counters"]) + "\n")
+        return 0
+    if verb in ("prl", "6rd"):
+        raise UnsupportedError(f"{verb}: it is for sit and isatap tunnels, which the userspace "
+                               "data plane does not carry yet")
+    raise ConfigError(f'"{verb}": unknown command; try "tunl tunnel help"')
+
+
+def do_daemon(argv: list[str], opts: dict) -> int:
+    verb = argv[0] if argv else "status"
+    _need_root("daemon")
+    if grammar.matches(verb, "status") or grammar.matches(verb, "start"):
+        st = _call("status")
+        if opts["json"]:
+            print(json.dumps(st))
+        else:
+            print(f"tunld {st['pid']}: {len(st['tunnels'])} tunnel(s) {' '.join(st['tunnels'])}")
+        return 0
+    if grammar.matches(verb, "stop"):
+        from ..daemon import client
+        try:
+            st = client.call("shutdown", autostart=False)
+        except TunlError as e:
+            print(str(e))
+            return 0
+        print(f"tunld {st['pid']} stopping; its tunnels stay and the next tunl command takes them back")
+        return 0
+    raise ConfigError(f'"{verb}": unknown command; tunl daemon {{ status | start | stop }}')
+
+
+def usage() -> str:
+    return ("Usage: " + __doc__.strip() + "\n\n"
+            "  tunl tunnel { add | change | del | show } [ NAME ] ...   like `ip tunnel`\n"
+            "  tunl lab { up FILE | down FILE | exec NODE -- CMD | demo FILE }\n"
+            "  tunl daemon { status | stop }\n")
+
+
+def run(argv: list[str]) -> int:
+    opts = {"json": False, "stats": False, "pretty": False, "dataplane": "auto"}
+    rest = []
+    i = 0
+    while i < len(argv):       # --dataplane may come anywhere, as in `tunl tunnel add ... --dataplane kernel`
+        if argv[i] in ("--dataplane", "-dataplane") or argv[i].startswith("--dataplane="):
+            if "=" in argv[i]:
+                v = argv[i].split("=", 1)[1]
+            else:
+                if i + 1 >= len(argv):
+                    raise ConfigError("--dataplane: say auto, userspace or kernel")
+                v = argv[i + 1]
+                i += 1
+            if v not in DATAPLANES:
+                raise ConfigError(f'--dataplane "{v}": the data planes are auto, userspace and kernel')
+            opts["dataplane"] = v
+        else:
+            rest.append(argv[i])
+        i += 1
+    argv = rest
+    while argv and argv[0].startswith("-"):
+        o = argv.pop(0).lstrip("-")
+        if o in ("h", "help"):
+            sys.stdout.write(usage())
+            return 0
+        if o in ("V", "version"):
+            from .. import __version__
+            print(f"tunl {__version__}")
+            return 0
+        if o and grammar.matches(o, "json"):
+            opts["json"] = True
+        elif o and (grammar.matches(o, "statistics") or grammar.matches(o, "stats")):
+            opts["stats"] = True
+        elif o and grammar.matches(o, "pretty"):
+            opts["pretty"] = True
+        else:
+            raise ConfigError(f'option "-{o}": unknown; the options are -s, -j, -p and --dataplane')
+    if not argv:
+        sys.stdout.write(usage())
+        return 2
+    obj, args = argv[0], argv[1:]
+    if grammar.matches(obj, "tunnel") or grammar.matches(obj, "tunl"):
+        return do_tunnel(args, opts)
+    if grammar.matches(obj, "lab"):
+        from ..lab.cli import main as lab_main
+        return lab_main(args)
+    if grammar.matches(obj, "daemon"):
+        return do_daemon(args, opts)
+    if grammar.matches(obj, "help"):
+        sys.stdout.write(usage())
+        return 0
+    raise ConfigError(f'object "{obj}": unknown; try "tunl help"')
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except TunlError as e:
+        print(f"tunl: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:     # a bug in tunl: one line, and the trace where it is asked for
+        if os.environ.get("TUNL_DEBUG"):
+            raise
+        print(f"tunl: internal error: {e!r} (run with TUNL_DEBUG=1 for the trace)", file=sys.stderr)
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

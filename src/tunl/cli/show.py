@@ -1,0 +1,67 @@
+"""Output in the words of `ip tunnel show` (print_tunnel()) and `ip -s tunnel show`."""
+from __future__ import annotations
+
+from ..model import TunnelMode, TunnelSpec
+
+
+def tunnel_line(spec: TunnelSpec) -> str:
+    parts = [f"{spec.name}: {spec.mode.show_name}/ip",
+             f"remote {spec.remote or 'any'}", f"local {spec.local or 'any'}"]
+    if spec.dev:
+        parts.append(f"dev {spec.dev}")
+    parts.append(f"ttl {spec.ttl}" if spec.ttl else "ttl inherit")
+    if spec.tos:
+        tos = "tos"
+        if spec.tos & 1:
+            tos += " inherit"
+        if spec.tos & ~1:
+            tos += ("/" if spec.tos & 1 else " ") + f"0x{spec.tos & ~1:x}"
+        parts.append(tos)
+    if not spec.pmtudisc:
+        parts.append("nopmtudisc")
+    if spec.mode is TunnelMode.GRE:
+        if spec.ikey is not None and spec.ikey == spec.okey:
+            parts.append(f"key {spec.ikey}")
+        else:
+            if spec.ikey is not None:
+                parts.append(f"ikey {spec.ikey}")
+            if spec.okey is not None:
+                parts.append(f"okey {spec.okey}")
+    line = " ".join(parts)
+    for flag, text in (("iseq", "Drop packets out of sequence."),
+                       ("icsum", "Checksum in received packet is required."),
+                       ("oseq", "Sequence packets on output."),
+                       ("ocsum", "Checksum output packets.")):
+        if getattr(spec, flag):
+            line += "\n  " + text
+    return line
+
+
+def stats_lines(c: dict) -> str:
+    """The two tables of `ip -s tunnel show`, then tunl's drops by reason."""
+    lines = [
+        "RX: Packets    Bytes        Errors CsumErrs OutOfSeq Mcasts",
+        f"    {c['rx_packets']:<10} {c['rx_bytes']:<12} {c['rx_errors']:<6} "
+        f"{c['rx_crc_errors']:<8} {c['rx_fifo_errors']:<8} {0:<8}",
+        "TX: Packets    Bytes        Errors DeadLoop NoRoute  NoBufs",
+        f"    {c['tx_packets']:<10} {c['tx_bytes']:<12} {c['tx_errors']:<6} "
+        f"{c['collisions']:<8} {c['tx_carrier_errors']:<8} {c['tx_dropped']:<6}",
+    ]
+    drops = [f"{k}={v}" for d in (c["rx_drop"], c["tx_drop"]) for k, v in sorted(d.items())]
+    if drops:
+        lines.append("Drops: " + " ".join(drops))
+    return "\n".join(lines)
+
+
+def to_json(status: dict) -> dict:
+    """One tunnel for --json: iproute2's field names where it has them."""
+    s = status["spec"]
+    out = {"ifname": s["name"], "mode": s["mode"], "remote": s["remote"] or "any",
+           "local": s["local"] or "any", "dev": s["dev"],
+           "ttl": s["ttl"] or "inherit", "tos": s["tos"], "pmtudisc": s["pmtudisc"]}
+    for k in ("ikey", "okey", "iseq", "oseq", "icsum", "ocsum"):
+        if s[k]:
+            out[k] = s[k]
+    out.update(dataplane=status["dataplane"], mtu=status["mtu"], up=status["up"],
+               stats=status["counters"])
+    return out

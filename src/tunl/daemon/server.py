@@ -1,0 +1,254 @@
+"""tunld: the daemon of one network namespace.
+
+It holds the TUN queues of the namespace's userspace tunnels and runs their data plane. Its
+state is the devices themselves: each TUN device it creates is persistent and carries its tunnel
+spec in its alias (`ip link show` prints it), so a tunld started after a crash or `kill -9`
+finds every tunnel, address and route where it was and takes them back.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+
+from ..dataplane import tun
+from ..dataplane.engine import Engine
+from ..errors import (ConfigError, ExistsError, ForeignDeviceError, NotFoundError, TunlError,
+                      UnsupportedError)
+from ..kernel import Kernel, RouteWatcher
+from ..kernel.netlink import disable_ipv6
+from ..model import TunnelMode, TunnelSpec
+from . import ALIAS_PREFIX, CONTROL_ADDRESS
+
+log = logging.getLogger("tunl.daemon")
+
+UNDERLAY_MTU = 1500   # ETH_DATA_LEN: the kernel's guess when a tunnel has no underlay device
+
+
+def spec_to_alias(spec: TunnelSpec) -> str:
+    return ALIAS_PREFIX + json.dumps(spec.to_compact(), separators=(",", ":"))
+
+
+def spec_from_alias(alias: str | None) -> TunnelSpec | None:
+    if not alias or not alias.startswith(ALIAS_PREFIX):
+        return None
+    try:
+        return TunnelSpec.from_dict(json.loads(alias[len(ALIAS_PREFIX):]))
+    except (ValueError, TypeError, TunlError):
+        return None
+
+
+class Tunld:
+    def __init__(self):
+        self.kernel = Kernel()
+        self.engine = Engine(time.monotonic)
+        self.lock = threading.Lock()
+        self.watcher: RouteWatcher | None = None
+        self.running = True
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def reclaim(self) -> None:
+        """Take back the tunnels a previous tunld of this namespace created."""
+        for link in self.kernel.links():
+            spec = spec_from_alias(link.alias)
+            if link.kind != "tun" or spec is None or spec.name != link.name:
+                continue
+            fd = tun.attach(link.name)
+            self.engine.add(spec, fd, link.index, link.mtu)
+            log.info("took back %s", link.name)
+
+    def resync(self, k: Kernel) -> None:
+        """Mirror each tunnel's routes, state and MTU from the kernel (on every event)."""
+        with self.lock:
+            for name in list(self.engine.tunnels):
+                link = k.link(name)
+                if link is None or link.kind != "tun":      # deleted behind our back
+                    os.close(self.engine.remove(name))
+                    log.info("%s was deleted", name)
+                    continue
+                self.engine.set_state(name, k.routes(link.index), link.up, link.mtu)
+
+    def serve(self) -> None:
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            srv.bind(CONTROL_ADDRESS)
+        except OSError:
+            log.info("another tunld already serves this network namespace")
+            return
+        srv.listen(16)
+        self.reclaim()
+        self.engine.start()
+        self.watcher = RouteWatcher(self.resync)
+        self.watcher.start()
+        log.info("tunld %d serving %d tunnel(s)", os.getpid(), len(self.engine.tunnels))
+        srv.settimeout(0.5)
+        while self.running:
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            except InterruptedError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                self._serve_one(conn)
+        srv.close()
+        self.watcher.stop()
+        self.engine.stop()       # closes the queues; the persistent devices stay
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET,
+                                                             socket.SO_PEERCRED, 12))
+        if uid != 0:
+            reply = {"ok": False, "error": "TunlError",
+                     "message": "tunld answers root only (Operation not permitted)"}
+        else:
+            try:
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                req = json.loads(data)
+                op = req.pop("op")
+                handler = getattr(self, "op_" + op, None)
+                if handler is None:
+                    raise ConfigError(f'op "{op}": tunld does not know it')
+                with self.lock:
+                    reply = {"ok": True, "result": handler(**req)}
+            except TunlError as e:
+                reply = {"ok": False, "error": type(e).__name__, "message": str(e)}
+            except Exception as e:  # a bug: keep serving, tell the caller
+                log.exception("request failed")
+                reply = {"ok": False, "error": "TunlError", "message": f"tunld: internal error: {e!r}"}
+        try:
+            conn.sendall(json.dumps(reply).encode())
+        except OSError:
+            pass
+
+    # -- operations -------------------------------------------------------------------------
+
+    def _check_dataplane(self, spec: TunnelSpec, dataplane: str) -> None:
+        if dataplane == "kernel":
+            raise UnsupportedError("--dataplane kernel: this tunl has the userspace data plane "
+                                   "only; use --dataplane userspace or auto")
+        if spec.mode is TunnelMode.VTI:
+            raise UnsupportedError("mode vti: a vti tunnel needs IPsec (xfrm), which the "
+                                   "userspace data plane does not carry")
+        if spec.mode is not TunnelMode.IPIP:
+            raise UnsupportedError(f"mode {spec.mode.value}: the userspace data plane carries "
+                                   "ipip tunnels only")
+
+    def _mtu_for(self, spec: TunnelSpec) -> int:
+        """Underlay MTU minus the outer header, as ip_tunnel_bind_dev() computes it."""
+        under = UNDERLAY_MTU
+        if spec.dev:
+            link = self.kernel.link(spec.dev)
+            if link is None:
+                raise ConfigError(f'dev "{spec.dev}": Cannot find device')
+            under = link.mtu
+        elif spec.remote:
+            try:
+                under = self.kernel.route_get(str(spec.remote))[1]
+            except NotFoundError:
+                pass
+        return under - spec.mode.overhead
+
+    def op_add(self, spec: dict, dataplane: str = "auto") -> dict:
+        s = TunnelSpec.from_dict(spec)
+        self._check_dataplane(s, dataplane)
+        if self.kernel.link(s.name) is not None:
+            raise ExistsError(f'add tunnel "{s.name}" failed: File exists')
+        for other in self.engine.tunnels.values():
+            o = other.spec
+            if (o.mode, o.local, o.remote, o.ikey) == (s.mode, s.local, s.remote, s.ikey):
+                # ip_tunnel_add() finds a tunnel with the same parameters
+                raise ExistsError(f'add tunnel "{s.name}" failed: {o.name} has the same '
+                                  'mode, local and remote addresses')
+        mtu = self._mtu_for(s)
+        fd = tun.create(s.name)
+        try:
+            self.kernel.set_link(s.name, mtu=mtu, alias=spec_to_alias(s))
+            disable_ipv6(s.name)
+            link = self.kernel.link(s.name)
+        except BaseException:
+            tun.destroy(fd)
+            raise
+        self.engine.add(s, fd, link.index, link.mtu)
+        self.engine.set_state(s.name, [], link.up, link.mtu)
+        return self._status(s.name)
+
+    def _ours(self, name: str, verb: str):
+        t = self.engine.tunnels.get(name)
+        if t is not None:
+            return t
+        if self.kernel.link(name) is not None:
+            raise ForeignDeviceError(f"{name} exists but tunl did not create it; tunl does not "
+                                     "modify a device it did not create")
+        raise NotFoundError(f'{verb} tunnel "{name}" failed: No such device')
+
+    def op_change(self, spec: dict, dataplane: str = "auto") -> dict:
+        s = TunnelSpec.from_dict(spec)
+        t = self._ours(s.name, "change")
+        if s.mode is not t.spec.mode:
+            raise ConfigError(f"mode {s.mode.value}: {s.name} is a {t.spec.mode.value} tunnel; "
+                              "change cannot switch modes (delete and add it)")
+        self._check_dataplane(s, dataplane)
+        self.kernel.set_link(s.name, alias=spec_to_alias(s))
+        self.engine.reconfigure(s)
+        return self._status(s.name)
+
+    def op_del(self, name: str) -> dict:
+        self._ours(name, "delete")
+        fd = self.engine.remove(name)
+        tun.destroy(fd)
+        return {"deleted": name}
+
+    def _status(self, name: str) -> dict:
+        t = self.engine.tunnels[name]
+        return {"spec": t.spec.to_dict(), "dataplane": "userspace", "ifindex": t.ifindex,
+                "mtu": t.mtu, "up": t.up, "routes": len(t.fib),
+                "counters": t.counters.as_dict()}
+
+    def op_show(self, name: str | None = None) -> list[dict]:
+        if name is not None:
+            self._ours(name, "get")
+            return [self._status(name)]
+        return [self._status(n) for n in sorted(self.engine.tunnels)]
+
+    def op_status(self) -> dict:
+        return {"pid": os.getpid(), "tunnels": sorted(self.engine.tunnels),
+                "engine": self.engine.stats()}
+
+    def op_shutdown(self) -> dict:
+        self.running = False
+        return {"pid": os.getpid()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="tunld", description="tunl's daemon for this network namespace")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s tunld[%(process)d] %(levelname)s %(message)s")
+    sys.setswitchinterval(0.0005)   # hand the GIL over quickly between ingress and egress
+    d = Tunld()
+    signal.signal(signal.SIGTERM, lambda *_: setattr(d, "running", False))
+    try:
+        d.serve()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

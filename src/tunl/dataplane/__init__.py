@@ -1,0 +1,1 @@
+"""The userspace data plane: TUN devices, raw sockets, forwarding table, counters, threads."""

@@ -1,0 +1,347 @@
+"""Lab topologies: the TOML file, its validation, and the names it gives to namespaces.
+
+Pure: no namespace is touched here. `parse()` takes the decoded TOML (a dict) and returns a
+frozen `Topology`, or raises ConfigError with one line that names the field and the rule:
+
+    host "B": address "300.1.2.3" is not an IPv4 address/prefix
+
+A file looks like this (see examples/):
+
+    name = "one2one"
+    [underlay]
+    cidr = "172.16.0.0/16"
+    mtu = 1500                      # optional
+    [[host]]
+    name = "A"
+    address = "172.16.232.172/16"
+    ping_target = "10.42.1.1"       # optional: what `lab demo` pings on this host
+    commands = ["ip link add name mybr0 type bridge", ...]
+    [[host.container]]              # optional
+    name = "c1"
+    address = "10.42.1.2/24"
+    gateway = "10.42.1.1"
+    bridge = "mybr0"
+
+Namespaces are `tl-<lab>-ul` (the underlay, with bridge br0), `tl-<lab>-<host>` and
+`tl-<lab>-<host>-<container>`. Lab, host and container names have no "-", so a namespace name
+says which lab it belongs to: every namespace that starts with `tl-<lab>-` is that lab's.
+"""
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+
+from ..errors import ConfigError
+from ..model import check_ifname
+
+PREFIX = "tl-"
+UNDERLAY = "ul"              # the underlay's namespace suffix: no host may have this name
+BRIDGE = "br0"               # the underlay bridge, in tl-<lab>-ul
+PORT_PREFIX = "ve-"          # host side: ve-<container>; underlay side: ve-<host>
+MAX_LAB_NAME = 24
+MAX_NODE_NAME = 12           # so that ve-<name> fits in IFNAMSIZ - 1 = 15 characters
+DEFAULT_MTU = 1500
+
+_NAME = re.compile(r"[A-Za-z0-9_]+\Z")
+
+
+def ns_underlay(lab: str) -> str:
+    return f"{PREFIX}{lab}-{UNDERLAY}"
+
+
+def ns_host(lab: str, host: str) -> str:
+    return f"{PREFIX}{lab}-{host}"
+
+
+def ns_container(lab: str, host: str, container: str) -> str:
+    return f"{PREFIX}{lab}-{host}-{container}"
+
+
+def ns_prefix(lab: str) -> str:
+    """Every namespace of lab `lab`, and only those, starts with this."""
+    return f"{PREFIX}{lab}-"
+
+
+def split_ns(ns: str) -> tuple[str, str] | None:
+    """`tl-<lab>-<node>` -> (lab, node), where node is `ul`, `host` or `host-container`."""
+    if not ns.startswith(PREFIX):
+        return None
+    lab, sep, node = ns[len(PREFIX):].partition("-")
+    if not sep or not lab or not node:
+        return None
+    return lab, node
+
+
+@dataclass(frozen=True)
+class Underlay:
+    cidr: IPv4Network
+    mtu: int = DEFAULT_MTU
+
+
+@dataclass(frozen=True)
+class Container:
+    name: str
+    address: IPv4Interface
+    gateway: IPv4Address
+    bridge: str
+
+    @property
+    def port(self) -> str:
+        """The veth end in the host's namespace, attached to `bridge`."""
+        return PORT_PREFIX + self.name
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    address: IPv4Interface
+    ping_target: IPv4Address
+    commands: tuple[str, ...] = ()
+    containers: tuple[Container, ...] = ()
+
+    @property
+    def port(self) -> str:
+        """The veth end in the underlay namespace, attached to br0."""
+        return PORT_PREFIX + self.name
+
+
+@dataclass(frozen=True)
+class Topology:
+    name: str
+    underlay: Underlay
+    hosts: tuple[Host, ...] = field(default=())
+
+    @property
+    def ns_underlay(self) -> str:
+        return ns_underlay(self.name)
+
+    def ns_host(self, host: Host | str) -> str:
+        return ns_host(self.name, host if isinstance(host, str) else host.name)
+
+    def ns_container(self, host: Host, container: Container) -> str:
+        return ns_container(self.name, host.name, container.name)
+
+    def namespaces(self) -> list[str]:
+        """All namespaces of the lab, in the order `up` creates them."""
+        out = [self.ns_underlay]
+        out += [self.ns_host(h) for h in self.hosts]
+        out += [self.ns_container(h, c) for h in self.hosts for c in h.containers]
+        return out
+
+    def host(self, name: str) -> Host:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise KeyError(name)
+
+
+# -- parsing -------------------------------------------------------------------------------
+
+def load(path) -> Topology:
+    """Read and validate a topology file."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    return parse(data)
+
+
+def loads(text: str) -> Topology:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"not valid TOML: {e}") from e
+    return parse(data)
+
+
+def load_name(path) -> str:
+    """Only the lab's name: enough for `down`, even when the rest of the file no longer parses."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    if not isinstance(data, dict) or "name" not in data:
+        raise ConfigError('name: missing (the lab\'s name, e.g. name = "one2one")')
+    return check_lab_name(data["name"])
+
+
+def check_lab_name(name) -> str:
+    if not isinstance(name, str):
+        raise ConfigError(f"name: {_show(name)} is not a string")
+    if not _NAME.match(name):
+        raise ConfigError(f'name "{name}": a lab name has only letters, digits and "_"'
+                          ' (no "-": it separates the parts of a namespace name)')
+    if len(name) > MAX_LAB_NAME:
+        raise ConfigError(f'name "{name}": a lab name has at most {MAX_LAB_NAME} characters')
+    return name
+
+
+def parse(data: dict) -> Topology:
+    """Validate decoded TOML; the first broken rule raises ConfigError naming the field."""
+    _keys(data, "", required={"name", "underlay", "host"}, optional=set())
+    name = check_lab_name(data["name"])
+    underlay = _parse_underlay(data["underlay"])
+    hosts_raw = data["host"]
+    if not isinstance(hosts_raw, list) or not all(isinstance(h, dict) for h in hosts_raw):
+        raise ConfigError("host: is a list of tables ([[host]])")
+    if not hosts_raw:
+        raise ConfigError("host: a lab has at least one host")
+    hosts: list[Host] = []
+    for i, raw in enumerate(hosts_raw):
+        hosts.append(_parse_host(raw, i, underlay))
+    _check_unique(hosts)
+    return Topology(name, underlay, tuple(hosts))
+
+
+def _parse_underlay(raw) -> Underlay:
+    if not isinstance(raw, dict):
+        raise ConfigError("underlay: is a table ([underlay]) with cidr and mtu")
+    _keys(raw, "underlay: ", required={"cidr"}, optional={"mtu"})
+    cidr = raw["cidr"]
+    try:
+        if not isinstance(cidr, str):
+            raise ValueError
+        net = IPv4Network(cidr, strict=True)
+    except ValueError:
+        raise ConfigError(f"underlay: cidr {_show(cidr)} is not an IPv4 network"
+                          " (address/prefix with no host bits set)") from None
+    mtu = raw.get("mtu", DEFAULT_MTU)
+    # 68: the least MTU of IPv4 (RFC 791); 65535: the largest an IPv4 total length can say
+    if not isinstance(mtu, int) or isinstance(mtu, bool) or not 68 <= mtu <= 65535:
+        raise ConfigError(f"underlay: mtu {_show(mtu)} is not a number from 68 to 65535")
+    return Underlay(net, mtu)
+
+
+def _parse_host(raw: dict, index: int, underlay: Underlay) -> Host:
+    if "name" not in raw:
+        raise ConfigError(f"host #{index + 1}: name: missing")
+    name = _node_name(raw["name"], f"host #{index + 1}: name")
+    if name == UNDERLAY:
+        raise ConfigError(f'host "{name}": the name "{UNDERLAY}" is the underlay\'s')
+    where = f'host "{name}": '
+    _keys(raw, where, required={"name", "address"},
+          optional={"ping_target", "commands", "container"})
+    address = _interface(raw["address"], where + "address")
+    if address.ip not in underlay.cidr:
+        raise ConfigError(f'{where}address "{address}" is not in the underlay cidr'
+                          f' {underlay.cidr}')
+    _usable(address, where + "address")
+    target = _address(raw.get("ping_target", str(address.ip)), where + "ping_target")
+    commands = raw.get("commands", [])
+    if not isinstance(commands, list) or not all(isinstance(c, str) for c in commands):
+        raise ConfigError(f"{where}commands: is a list of strings")
+    for j, c in enumerate(commands):
+        if not c.strip():
+            raise ConfigError(f"{where}commands[{j}]: is empty")
+    containers_raw = raw.get("container", [])
+    if not isinstance(containers_raw, list) or not all(isinstance(c, dict)
+                                                       for c in containers_raw):
+        raise ConfigError(f"{where}container: is a list of tables ([[host.container]])")
+    containers = tuple(_parse_container(c, j, where) for j, c in enumerate(containers_raw))
+    seen: set[str] = set()
+    for c in containers:
+        if c.name in seen:
+            raise ConfigError(f'{where}container "{c.name}": the name is used twice')
+        seen.add(c.name)
+    return Host(name, address, target, tuple(commands), containers)
+
+
+def _parse_container(raw: dict, index: int, where: str) -> Container:
+    if "name" not in raw:
+        raise ConfigError(f"{where}container #{index + 1}: name: missing")
+    name = _node_name(raw["name"], f"{where}container #{index + 1}: name")
+    where = f'{where}container "{name}": '
+    _keys(raw, where, required={"name", "address", "gateway", "bridge"}, optional=set())
+    address = _interface(raw["address"], where + "address")
+    _usable(address, where + "address")
+    gateway = _address(raw["gateway"], where + "gateway")
+    if gateway not in address.network:
+        raise ConfigError(f'{where}gateway "{gateway}" is not in {address.network}'
+                          f" (the network of address {address})")
+    if gateway == address.ip:
+        raise ConfigError(f'{where}gateway "{gateway}" is the container\'s own address')
+    bridge = raw["bridge"]
+    if not isinstance(bridge, str):
+        raise ConfigError(f"{where}bridge: {_show(bridge)} is not a string")
+    check_ifname(bridge, f"{where}bridge")
+    return Container(name, address, gateway, bridge)
+
+
+def _check_unique(hosts: list[Host]) -> None:
+    names: set[str] = set()
+    addrs: dict[IPv4Address, str] = {}
+    for h in hosts:
+        if h.name in names:
+            raise ConfigError(f'host "{h.name}": the name is used twice')
+        names.add(h.name)
+        if h.address.ip in addrs:
+            raise ConfigError(f'host "{h.name}": address {h.address.ip} is also host'
+                              f' "{addrs[h.address.ip]}"\'s')
+        addrs[h.address.ip] = h.name
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+def _keys(raw: dict, where: str, *, required: set[str], optional: set[str]) -> None:
+    for k in sorted(required):
+        if k not in raw:
+            raise ConfigError(f"{where}{k}: missing")
+    for k in raw:
+        if k not in required and k not in optional:
+            known = ", ".join(sorted(required | optional))
+            raise ConfigError(f'{where}unknown key "{k}" (known: {known})')
+
+
+def _node_name(name, where: str) -> str:
+    if not isinstance(name, str):
+        raise ConfigError(f"{where} {_show(name)} is not a string")
+    if not _NAME.match(name):
+        raise ConfigError(f'{where} "{name}": a name has only letters, digits and "_"')
+    if len(name) > MAX_NODE_NAME:
+        raise ConfigError(f'{where} "{name}": a name has at most {MAX_NODE_NAME} characters')
+    return name
+
+
+def _interface(text, where: str) -> IPv4Interface:
+    try:
+        if not isinstance(text, str) or "/" not in text:
+            raise ValueError
+        return IPv4Interface(text)
+    except ValueError:
+        raise ConfigError(f"{where} {_show(text)} is not an IPv4 address/prefix") from None
+
+
+def _address(text, where: str) -> IPv4Address:
+    try:
+        if not isinstance(text, str):
+            raise ValueError
+        return IPv4Address(text)
+    except ValueError:
+        raise ConfigError(f"{where} {_show(text)} is not an IPv4 address") from None
+
+
+def _usable(iface: IPv4Interface, where: str) -> None:
+    """A host address, not the network or broadcast address of its prefix (RFC 3021 aside)."""
+    net = iface.network
+    if net.prefixlen <= 30 and iface.ip in (net.network_address, net.broadcast_address):
+        what = "network" if iface.ip == net.network_address else "broadcast"
+        raise ConfigError(f'{where} "{iface}" is the {what} address of {net}')
+
+
+def _show(value) -> str:
+    """A value as the file wrote it, for error messages."""
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return type(value).__name__
