@@ -1,0 +1,105 @@
+"""Test hosts in network namespaces, each with its own tunld (started on demand by tunl)."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+TUNL = os.path.join(os.path.dirname(sys.executable), "tunl")
+ENV = {**os.environ, "PATH": os.path.dirname(sys.executable) + ":" + os.environ.get("PATH", "")}
+
+
+def sh(cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, shell=True, capture_output=True, text=True, check=check,
+                          timeout=timeout, env=ENV)
+
+
+class Host:
+    def __init__(self, ns: str):
+        self.ns = ns
+
+    def run(self, cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        p = subprocess.run(["ip", "netns", "exec", self.ns, "sh", "-c", cmd], capture_output=True,
+                           text=True, timeout=timeout, env=ENV)
+        if check and p.returncode != 0:
+            raise AssertionError(f"[{self.ns}] {cmd} -> {p.returncode}\n{p.stdout}{p.stderr}")
+        return p
+
+    def popen(self, cmd: str, **kw) -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", self.ns, "sh", "-c", "exec " + cmd],
+                                env=ENV, text=True, **kw)
+
+    def tunl(self, args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self.run(f"{TUNL} {args}", check=check)
+
+    def tunnels(self) -> list[dict]:
+        return json.loads(self.tunl("-j tunnel show").stdout)
+
+    def counters(self, name: str = "tunl0") -> dict:
+        return next(t["stats"] for t in self.tunnels() if t["ifname"] == name)
+
+    def tunld_pid(self) -> int:
+        return json.loads(self.tunl("-j daemon status").stdout)["pid"]
+
+    def ping(self, dst: str, count: int = 1, extra: str = "") -> subprocess.CompletedProcess:
+        return self.run(f"ping -n -c {count} -i 0.2 -W 2 {extra} {dst}", check=False)
+
+
+class Net:
+    """Namespaces named tl-it<id>-<name>; close() ends their processes and deletes them."""
+
+    def __init__(self):
+        self.prefix = f"tl-it{uuid.uuid4().hex[:6]}-"
+        self.names: list[str] = []
+
+    def host(self, name: str) -> Host:
+        ns = self.prefix + name
+        sh(f"ip netns add {ns}")
+        self.names.append(ns)
+        sh(f"ip -n {ns} link set lo up")
+        return Host(ns)
+
+    def underlay(self, hosts: dict[Host, str], mtu: int = 1500) -> Host:
+        """A bridge in its own namespace, and an eth0 with `address` in each host on it."""
+        ul = self.host("ul")
+        ul.run(f"ip link add br0 type bridge && ip link set br0 mtu {mtu} up")
+        for i, (h, addr) in enumerate(hosts.items()):
+            ul.run(f"ip link add p{i} mtu {mtu} type veth peer name eth0 mtu {mtu} netns {h.ns}"
+                   f" && ip link set p{i} master br0 up")
+            h.run(f"ip addr add {addr} dev eth0 && ip link set eth0 up")
+        return ul
+
+    def container(self, host: Host, name: str, addr: str, gw: str, bridge: str = "mybr0") -> Host:
+        c = self.host(name)
+        host.run(f"ip link add c-{name} type veth peer name eth0 netns {c.ns} && "
+                 f"ip link set c-{name} master {bridge} up && sysctl -qw net.ipv4.ip_forward=1")
+        c.run(f"ip addr add {addr} dev eth0 && ip link set eth0 up && ip route add default via {gw}")
+        return c
+
+    def close(self) -> None:
+        for ns in reversed(self.names):
+            pids = sh(f"ip netns pids {ns}", check=False).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 2
+            while pids and time.monotonic() < deadline:
+                pids = sh(f"ip netns pids {ns}", check=False).stdout.split()
+                time.sleep(0.05)
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            sh(f"ip netns del {ns}", check=False)
+
+
+def q(s: str) -> str:
+    return shlex.quote(s)

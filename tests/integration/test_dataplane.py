@@ -1,0 +1,223 @@
+"""The userspace IPIP data plane against the real kernel stack, in network namespaces.
+
+Two hosts on an underlay bridge run the walkthrough's one-to-one tunnel; host A also routes
+for a container on its bridge mybr0. Every assertion is about what the kernel, ping, tcpdump
+and TCP observe, not about tunl's own view.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import signal
+import struct
+import time
+
+import pytest
+
+from nsutil import TUNL, Net
+
+pytestmark = pytest.mark.root
+if os.geteuid() != 0:
+    pytest.skip("needs root for network namespaces and TUN devices", allow_module_level=True)
+
+A_UL, B_UL = "172.16.232.172", "172.16.232.194"
+
+
+@pytest.fixture(scope="module")
+def o2o():
+    net = Net()
+    try:
+        a, b = net.host("A"), net.host("B")
+        net.underlay({a: f"{A_UL}/16", b: f"{B_UL}/16"})
+        for h, me, peer, mine, theirs in ((a, A_UL, B_UL, "10.42.1", "10.42.2"),
+                                          (b, B_UL, A_UL, "10.42.2", "10.42.1")):
+            h.tunl(f"tunnel add tunl0 mode ipip remote {peer} local {me}")
+            h.run(f"ip addr add {mine}.1/24 dev tunl0 && ip link set tunl0 up && "
+                  f"ip route add {theirs}.0/24 dev tunl0")
+        # a container behind A, on a bridge that is not the tunnel's subnet
+        # (a jumbo link, so that what is too big is too big for the tunnel, not for the container)
+        a.run("ip link add mybr0 type bridge && ip addr add 10.42.11.1/24 dev mybr0 && "
+              "ip link set mybr0 up")
+        c = net.container(a, "c1", "10.42.11.2/24", "10.42.11.1")
+        c.run("ip link set eth0 mtu 9000")
+        a.run("ip link set c-c1 mtu 9000 && ip link set mybr0 mtu 9000")
+        b.run("ip route add 10.42.11.0/24 dev tunl0")
+        yield net, a, b, c
+    finally:
+        net.close()
+
+
+def test_one_to_one_pings_both_ways(o2o):
+    _, a, b, _ = o2o
+    for src, dst in ((a, "10.42.2.1"), (b, "10.42.1.1")):
+        p = src.ping(dst, count=3)
+        assert p.returncode == 0 and " 0% packet loss" in p.stdout, p.stdout
+
+
+def test_show_prints_what_ip_tunnel_show_prints(o2o):
+    _, a, _, _ = o2o
+    assert a.tunl("tunnel show").stdout == \
+        f"tunl0: ip/ip remote {B_UL} local {A_UL} ttl inherit\n"
+    assert a.tunl("tunnel show tunl0").stdout.startswith("tunl0: ip/ip")
+
+
+def test_tcpdump_sees_inner_icmp_on_tunl0_and_protocol_4_on_the_underlay(o2o):
+    _, a, b, _ = o2o
+    inner = a.popen("tcpdump -n -l -c 2 -i tunl0 icmp", stdout=-1, stderr=-1)
+    outer = b.popen("tcpdump -n -l -c 2 -i eth0 ip proto 4", stdout=-1, stderr=-1)
+    time.sleep(1.0)      # let both captures attach
+    assert a.ping("10.42.2.1").returncode == 0
+    inner_out, _ = inner.communicate(timeout=10)
+    outer_out, _ = outer.communicate(timeout=10)
+    assert re.search(r"IP 10\.42\.1\.1 > 10\.42\.2\.1: ICMP echo request", inner_out), inner_out
+    assert re.search(r"IP 10\.42\.2\.1 > 10\.42\.1\.1: ICMP echo reply", inner_out), inner_out
+    assert f"IP {A_UL} > {B_UL}: IP 10.42.1.1 > 10.42.2.1: ICMP echo request" in outer_out, outer_out
+    assert f"IP {B_UL} > {A_UL}: IP 10.42.2.1 > 10.42.1.1: ICMP echo reply" in outer_out, outer_out
+
+
+def test_tunnel_mtu_is_underlay_minus_20_and_too_big_gets_frag_needed(o2o):
+    _, a, _, c = o2o
+    assert "mtu 1480 " in a.run("ip link show tunl0").stdout
+    fits = c.ping("10.42.2.1", extra="-M do -s 1452")          # 1452 + 28 = 1480
+    assert fits.returncode == 0, fits.stdout
+    big = c.ping("10.42.2.1", extra="-M do -s 1473")
+    assert "Frag needed and DF set (mtu = 1480)" in big.stdout, big.stdout
+    # the container's kernel learned the path MTU from that answer
+    again = c.ping("10.42.2.1", extra="-M do -s 1453")
+    assert "message too long, mtu=1480" in again.stderr, again.stderr
+
+
+def _forge_frag_needed(host, outer_src: str, outer_dst: str, mtu: int) -> None:
+    """From `host`, send the tunnel's sender an ICMP fragmentation needed about an outer
+    packet outer_src -> outer_dst, as a router on the underlay path would."""
+    script = f"""
+import socket, struct
+def csum(b):
+    s = int.from_bytes(b + b'\\0' * (len(b) & 1), 'big') % 0xffff
+    return ~(s or (0xffff if any(b) else 0)) & 0xffff
+src, dst = socket.inet_aton('{outer_src}'), socket.inet_aton('{outer_dst}')
+quoted = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 1500, 1, 0x4000, 64, 4, 0, src, dst)
+quoted = quoted[:10] + csum(quoted).to_bytes(2, 'big') + quoted[12:] + bytes(8)
+icmp = struct.pack('!BBHHH', 3, 4, 0, 0, {mtu}) + quoted
+icmp = icmp[:2] + csum(icmp).to_bytes(2, 'big') + icmp[4:]
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+s.sendto(icmp, ('{outer_src}', 0))
+"""
+    host.run(f"python3 -c {__import__('shlex').quote(script)}")
+
+
+def test_path_mtu_learned_from_underlay_icmp_lowers_the_frag_needed_mtu(o2o):
+    _, a, b, c = o2o
+    _forge_frag_needed(b, A_UL, B_UL, 1400)
+    time.sleep(0.3)
+    big = c.ping("10.42.2.1", extra="-M do -s 1400")
+    assert "Frag needed and DF set (mtu = 1380)" in big.stdout, big.stdout
+    assert c.ping("10.42.2.1", extra="-M do -s 1352").returncode == 0   # 1352 + 28 = 1380
+    assert a.counters()["tx_drop"].get("too_big", 0) >= 1
+
+
+def test_50_mb_tcp_transfer_arrives_intact(o2o, tmp_path):
+    _, a, b, _ = o2o
+    data = random.Random(7).randbytes(50 * 1000 * 1000)
+    src = tmp_path / "payload"
+    src.write_bytes(data)
+    sink = b.popen("python3 -c 'import socket,hashlib\n"
+                   "s=socket.create_server((\"10.42.2.1\",5555));c,_=s.accept();h=hashlib.sha256()\n"
+                   "while (d:=c.recv(1<<16)): h.update(d)\n"
+                   "print(h.hexdigest())'", stdout=-1)
+    time.sleep(0.5)
+    a.run(f"python3 -c 'import socket;s=socket.create_connection((\"10.42.2.1\",5555));"
+          f"s.sendfile(open(\"{src}\",\"rb\"));s.close()'", timeout=120)
+    got, _ = sink.communicate(timeout=60)
+    assert got.strip() == hashlib.sha256(data).hexdigest()
+
+
+def test_kill_9_of_tunld_loses_nothing_and_restart_brings_traffic_back(o2o):
+    _, a, _, _ = o2o
+    pid = a.tunld_pid()
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    assert a.ping("10.42.2.1").returncode != 0, "traffic flowed without its data plane"
+    assert "10.42.1.1/24" in a.run("ip addr show tunl0").stdout
+    assert "10.42.2.0/24 dev tunl0" in a.run("ip route").stdout
+    # any tunl command starts a new tunld, which takes the tunnel back
+    assert a.tunl("tunnel show").stdout.startswith("tunl0: ip/ip remote")
+    assert a.tunld_pid() != pid
+    assert a.ping("10.42.2.1", count=2).returncode == 0
+
+
+def test_change_sets_a_fixed_ttl_seen_on_the_wire(o2o):
+    _, a, b, _ = o2o
+    a.tunl("tunnel change tunl0 ttl 33")
+    try:
+        assert "ttl 33" in a.tunl("tunnel show tunl0").stdout
+        cap = b.popen("tcpdump -n -v -l -c 1 -i eth0 ip proto 4 and src " + A_UL, stdout=-1,
+                      stderr=-1)
+        time.sleep(1.0)
+        a.ping("10.42.2.1")
+        out, _ = cap.communicate(timeout=10)
+        assert "ttl 33," in out, out
+    finally:
+        a.tunl("tunnel change tunl0 ttl inherit")
+
+
+def test_malformed_and_foreign_packets_are_dropped_and_counted(o2o):
+    """Thousands of mutated and random protocol-4 payloads from the peer: each one is
+    delivered or dropped and counted, and the daemon lives on."""
+    _, a, b, _ = o2o
+    pid, before = a.tunld_pid(), a.counters()
+    rng = random.Random(4)
+    valid = bytes.fromhex("4500001c0001000040017cd10a2a02010a2a010108004d5200010001")
+    payloads = []
+    for i in range(3000):
+        kind = i % 4
+        if kind == 0:
+            payloads.append(rng.randbytes(rng.randrange(0, 80)))
+        elif kind == 1:
+            payloads.append(valid[:rng.randrange(0, len(valid))])
+        else:
+            p = bytearray(valid + rng.randbytes(rng.randrange(0, 40)))
+            for _ in range(rng.randrange(1, 4)):
+                p[rng.randrange(len(p))] ^= 1 << rng.randrange(8)
+            payloads.append(bytes(p))
+    blob = tmp = "/tmp/" + a.ns + "-fuzz"
+    with open(tmp, "wb") as f:
+        for p in payloads:
+            f.write(struct.pack("!H", len(p)) + p)
+    b.run("python3 -c 'import socket,struct,time\n"
+          "s=socket.socket(socket.AF_INET,socket.SOCK_RAW,4)\n"
+          f"d=open(\"{blob}\",\"rb\").read();i=0\n"
+          "while i<len(d):\n"
+          " n=struct.unpack_from(\"!H\",d,i)[0];s.sendto(d[i+2:i+2+n],(\"" + A_UL + "\",0));i+=2+n\n"
+          " time.sleep(0.0002)'", timeout=120)
+    os.unlink(tmp)
+    time.sleep(0.5)
+    after = a.counters()
+    assert a.tunld_pid() == pid
+    handled = sum(after[k] - before[k] for k in ("rx_packets", "rx_errors", "rx_dropped"))
+    assert handled == len(payloads)
+    assert after["rx_errors"] - before["rx_errors"] > 1000
+    assert sum(after["rx_drop"].values()) - sum(before["rx_drop"].values()) == \
+        after["rx_errors"] - before["rx_errors"] + after["rx_dropped"] - before["rx_dropped"]
+    assert a.ping("10.42.2.1").returncode == 0
+
+
+@pytest.mark.parametrize("words, message", [
+    ("tunnel add tunl0 mode ipip", 'add tunnel "tunl0" failed: File exists'),
+    ("tunnel del eth0", "eth0 exists but tunl did not create it"),
+    ("tunnel del nosuch0", 'delete tunnel "nosuch0" failed: No such device'),
+    ("tunnel add t1 mode ipip remote 172.16.232.194 local 172.16.232.172",
+     "tunl0 has the same mode, local and remote addresses"),
+    ("tunnel add t2 mode ipip ttl 0x100", 'ttl "0x100": TTL is 1..255 or inherit'),
+    ("tunnel add t3 mode vti", "mode vti: a vti tunnel needs IPsec"),
+])
+def test_bad_requests_get_one_line_and_change_nothing(o2o, words, message):
+    _, a, _, _ = o2o
+    p = a.tunl(words, check=False)
+    assert p.returncode == 1
+    assert p.stderr.count("\n") == 1 and message in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+    assert [t["ifname"] for t in a.tunnels()] == ["tunl0"]
+    assert a.ping("10.42.2.1").returncode == 0
