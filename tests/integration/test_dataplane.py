@@ -7,6 +7,7 @@ and TCP observe, not about tunl's own view.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import re
@@ -221,3 +222,14 @@ def test_bad_requests_get_one_line_and_change_nothing(o2o, words, message):
     assert "Traceback" not in p.stderr
     assert [t["ifname"] for t in a.tunnels()] == ["tunl0"]
     assert a.ping("10.42.2.1").returncode == 0
+
+
+def test_the_control_socket_answers_root_only(o2o):
+    _, a, _, _ = o2o
+    a.tunld_pid()     # running
+    probe = ("import socket,json;s=socket.socket(socket.AF_UNIX);s.connect('\\0tunl/tunld');"
+             "s.sendall(b'{\"op\":\"del\",\"name\":\"tunl0\"}\\n');print(s.recv(4096).decode())")
+    p = a.run(f"setpriv --reuid=65534 --regid=65534 --clear-groups python3 -c \"{probe}\"")
+    reply = json.loads(p.stdout)
+    assert reply["ok"] is False and "root only" in reply["message"]
+    assert [t["ifname"] for t in a.tunnels()] == ["tunl0"]

@@ -1,0 +1,130 @@
+"""The words of `ip tunnel` into specs, and specs back into what `ip tunnel show` prints.
+
+Expected lines are the ones iproute2 prints (ip/iptunnel.c print_tunnel()) and the
+walkthrough shows, written here by hand.
+"""
+from ipaddress import IPv4Address
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tunl.cli import grammar, main as cli
+from tunl.cli.show import stats_lines, tunnel_line
+from tunl.errors import ConfigError
+from tunl.model import TunnelMode, TunnelSpec
+
+
+def test_one_to_one_words():
+    s = grammar.spec_for_add("tunl0 mode ipip remote 172.16.232.194 local 172.16.232.172".split())
+    assert s == TunnelSpec("tunl0", TunnelMode.IPIP, IPv4Address("172.16.232.194"),
+                           IPv4Address("172.16.232.172"))
+    assert tunnel_line(s) == "tunl0: ip/ip remote 172.16.232.194 local 172.16.232.172 ttl inherit"
+
+
+def test_one_to_many_words():
+    s = grammar.spec_for_add("tunl0 mode ipip".split())
+    assert s.nbma
+    assert tunnel_line(s) == "tunl0: ip/ip remote any local any ttl inherit"
+
+
+@pytest.mark.parametrize("words, line", [
+    ("t1 mode ipip remote 1.2.3.4 ttl 64 tos 10", "t1: ip/ip remote 1.2.3.4 local any ttl 64 tos 0x10"),
+    ("t1 mode ipip tos inherit", "t1: ip/ip remote any local any ttl inherit tos inherit"),
+    ("t1 mode ipip tos inherit/28", "t1: ip/ip remote any local any ttl inherit tos inherit/0x28"),
+    ("t1 mode ipip nopmtudisc", "t1: ip/ip remote any local any ttl inherit nopmtudisc"),
+    ("t1 mode ipip dev eth0 hoplimit 9", "t1: ip/ip remote any local any dev eth0 ttl 9"),
+    ("ipip7 remote any local 10.0.0.1", "ipip7: ip/ip remote any local 10.0.0.1 ttl inherit"),
+    ("name t1 mode ip/ip ttl inherit", "t1: ip/ip remote any local any ttl inherit"),
+    ("gre1 key 42", "gre1: gre/ip remote any local any ttl inherit key 42"),
+    ("gre1 ikey 1.0.0.0 okey 7", "gre1: gre/ip remote any local any ttl inherit ikey 16777216 okey 7"),
+])
+def test_words_print_like_iproute2(words, line):
+    assert tunnel_line(grammar.spec_for_add(words.split())) == line
+
+
+def test_gre_flags_print_on_lines_of_their_own():
+    s = grammar.spec_for_add("gre1 mode gre seq icsum".split())
+    assert tunnel_line(s).split("\n")[1:] == [
+        "  Drop packets out of sequence.", "  Checksum in received packet is required.",
+        "  Sequence packets on output."]
+
+
+@pytest.mark.parametrize("words, message", [
+    ("t1 mode ipip ttl 256", 'ttl "256": TTL is 1..255 or inherit'),
+    ("t1 mode ipip ttl -1", 'ttl "-1": TTL is 1..255 or inherit'),
+    ("t1 mode ipip ttl 64 nopmtudisc", "ttl 64 with nopmtudisc: a fixed ttl needs pmtudisc"),
+    ("t1 mode bogus", 'mode "bogus": unknown tunnel mode'),
+    ("t1 mode ipip mode gre", "more than one tunnel mode"),
+    ("t1 mode ipip remote 1.2.3.400", 'remote "1.2.3.400": an IPv4 address is a dotted quad'),
+    ("t1 mode ipip local", "local: a value must follow this word"),
+    ("t1 mode ipip key 5", "key with mode ipip: keys are only for gre tunnels"),
+    ("t1 mode ipip tos zz", 'tos "zz": TOS is 00..ff'),
+    ("t1 mode ipip remtoe 1.2.3.4", '"remtoe": not a word of tunl tunnel'),
+    ("abcdefghijklmnop mode ipip", "a device name has at most 15 characters"),
+    ("tunl0", "tunl0: cannot determine tunnel mode"),
+    ("mode ipip", "a tunnel needs a name"),
+    ("gre1 key 4294967296", 'key "4294967296": a key is a number'),
+])
+def test_bad_words_name_the_word_and_the_rule(words, message):
+    with pytest.raises(ConfigError) as e:
+        grammar.spec_for_add(words.split())
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_change_keeps_what_it_does_not_mention():
+    cur = grammar.spec_for_add("tunl0 mode ipip remote 1.2.3.4 local 5.6.7.8".split())
+    new = grammar.spec_for_change("tunl0 ttl 17".split(), cur)
+    assert new == cur.with_(ttl=17)
+
+
+def test_the_ttl_rule_also_holds_for_change():
+    cur = grammar.spec_for_add("tunl0 mode ipip ttl 64".split())
+    with pytest.raises(ConfigError, match="a fixed ttl needs pmtudisc"):
+        grammar.spec_for_change("tunl0 nopmtudisc".split(), cur)
+
+
+@given(st.integers(0, 255), st.integers(0, 255))
+def test_ttl_and_tos_words_round_trip_through_show(ttl, tos):
+    ttl_word = str(ttl) if ttl else "inherit"
+    tos_word = ("inherit/" if tos & 1 else "") + f"{tos & ~1:02x}" if tos & ~1 else \
+        ("inherit" if tos & 1 else "00")
+    s = grammar.spec_for_add(["t1", "mode", "ipip", "ttl", ttl_word, "tos", tos_word])
+    assert (s.ttl, s.tos) == (ttl, tos)
+    again = grammar.spec_for_add(["t1", "mode", "ipip"] + tunnel_line(s).split()[6:])
+    assert again == s
+
+
+def test_verbs_take_prefixes_like_ip():
+    assert grammar.matches("a", "add") and grammar.matches("sh", "show")
+    assert not grammar.matches("", "add") and not grammar.matches("adds", "add")
+
+
+def test_stats_lines_have_iproute2_columns():
+    c = {k: 0 for k in ("rx_packets", "rx_bytes", "rx_errors", "rx_crc_errors", "rx_fifo_errors",
+                        "tx_packets", "tx_bytes", "tx_errors", "collisions", "tx_carrier_errors",
+                        "tx_dropped")}
+    c.update(rx_packets=3, tx_bytes=252, rx_drop={"ecn": 2}, tx_drop={})
+    lines = stats_lines(c).split("\n")
+    assert lines[0] == "RX: Packets    Bytes        Errors CsumErrs OutOfSeq Mcasts"
+    assert lines[1].split() == ["3", "0", "0", "0", "0", "0"]
+    assert lines[2] == "TX: Packets    Bytes        Errors DeadLoop NoRoute  NoBufs"
+    assert lines[3].split() == ["0", "252", "0", "0", "0", "0"]
+    assert lines[4] == "Drops: ecn=2"
+
+
+def test_cli_bad_input_is_one_line_and_exit_1(capsys):
+    assert cli.main(["tunnel", "add", "t1", "mode", "ipip", "ttl", "999"]) == 1
+    err = capsys.readouterr().err
+    assert err == 'tunl: ttl "999": TTL is 1..255 or inherit\n'
+
+
+def test_cli_unknown_object_and_option(capsys):
+    assert cli.main(["bogus"]) == 1
+    assert cli.main(["-x", "tunnel"]) == 1
+    assert cli.main(["--dataplane", "fpga", "tunnel", "show"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == ['tunl: object "bogus": unknown; try "tunl help"',
+                   'tunl: option "-x": unknown; the options are -s, -j, -p and --dataplane',
+                   'tunl: --dataplane "fpga": the data planes are auto, userspace and kernel']
