@@ -105,31 +105,32 @@ class Tunld:
         self.engine.stop()       # closes the queues; the persistent devices stay
 
     def _serve_one(self, conn: socket.socket) -> None:
-        pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET,
-                                                             socket.SO_PEERCRED, 12))
-        if uid != 0:
-            reply = {"ok": False, "error": "TunlError",
-                     "message": "tunld answers root only (Operation not permitted)"}
-        else:
-            try:
-                data = b""
-                while not data.endswith(b"\n"):
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    data += chunk
-                req = json.loads(data)
-                op = req.pop("op")
-                handler = getattr(self, "op_" + op, None)
-                if handler is None:
-                    raise ConfigError(f'op "{op}": tunld does not know it')
-                with self.lock:
-                    reply = {"ok": True, "result": handler(**req)}
-            except TunlError as e:
-                reply = {"ok": False, "error": type(e).__name__, "message": str(e)}
-            except Exception as e:  # a bug: keep serving, tell the caller
-                log.exception("request failed")
-                reply = {"ok": False, "error": "TunlError", "message": f"tunld: internal error: {e!r}"}
+        _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET,
+                                                              socket.SO_PEERCRED, 12))
+        data = b""
+        try:
+            while not data.endswith(b"\n"):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+        except OSError:
+            return
+        try:
+            if uid != 0:
+                raise TunlError("tunld answers root only (Operation not permitted)")
+            req = json.loads(data)
+            op = req.pop("op")
+            handler = getattr(self, "op_" + op, None)
+            if handler is None:
+                raise ConfigError(f'op "{op}": tunld does not know it')
+            with self.lock:
+                reply = {"ok": True, "result": handler(**req)}
+        except TunlError as e:
+            reply = {"ok": False, "error": type(e).__name__, "message": str(e)}
+        except Exception as e:  # a bug: keep serving, tell the caller
+            log.exception("request failed")
+            reply = {"ok": False, "error": "TunlError", "message": f"tunld: internal error: {e!r}"}
         try:
             conn.sendall(json.dumps(reply).encode())
         except OSError:

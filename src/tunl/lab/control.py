@@ -50,7 +50,8 @@ def up(topo: Topology, *, log: Log = _quiet, timeout: float = COMMAND_TIMEOUT) -
     existing = lab_namespaces(topo.name)
     if existing:
         # nothing was created, so nothing is torn down: these namespaces are not ours
-        raise LabError(f'lab "{topo.name}" is already up (namespace {existing[0]} exists):'
+        shown = topo.ns_underlay if topo.ns_underlay in existing else existing[0]
+        raise LabError(f'lab "{topo.name}" is already up (namespace {shown} exists):'
                        " run `tunl lab down FILE` first")
     try:
         _build(topo, log, timeout)
@@ -171,13 +172,17 @@ def uninterrupted():
 # -- finding nodes ---------------------------------------------------------------------------
 
 def running_labs() -> dict[str, list[str]]:
-    """{lab: [node, ...]} of every lab namespace that exists now."""
+    """{lab: [node, ...]} of the labs up now.
+
+    A lab is up when its underlay namespace tl-<lab>-ul is there: other tools' namespaces that
+    merely start with "tl-" (test fixtures, benchmarks) are no lab.
+    """
     labs: dict[str, list[str]] = {}
     for ns in netns.list_ns():
         parts = split_ns(ns)
         if parts:
             labs.setdefault(parts[0], []).append(parts[1])
-    return labs
+    return {lab: nodes for lab, nodes in labs.items() if UNDERLAY in nodes}
 
 
 def find_node(node: str, lab: str | None = None) -> str:

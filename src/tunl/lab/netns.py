@@ -15,6 +15,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -64,8 +65,6 @@ def run(argv: Sequence[str], *, timeout: float | None = None, env=None) -> Resul
     A command may leave a daemon behind that keeps its stdout open (`tunl tunnel add` starts
     tunld): with pipes we would wait for that daemon's end, with files only for the command's.
     """
-    import tempfile
-
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         try:
             p = subprocess.run(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err,

@@ -175,7 +175,7 @@ def load_name(path) -> str:
 
 def check_lab_name(name) -> str:
     if not isinstance(name, str):
-        raise ConfigError(f"name: {_show(name)} is not a string")
+        raise ConfigError(f"name {_show(name)} is not a string")
     if not _NAME.match(name):
         raise ConfigError(f'name "{name}": a lab name has only letters, digits and "_"'
                           ' (no "-": it separates the parts of a namespace name)')

@@ -1,0 +1,9 @@
+"""The lab: emulated hosts in network namespaces, described by a topology file.
+
+    topology  the TOML file, validated into frozen dataclasses; namespace names (pure)
+    netns     namespaces, `ip` and processes, with subprocess (no pyroute2: that is kernel/'s)
+    control   up, down, finding a node's namespace
+    pcap      a minimal classic pcap reader
+    demo      ping every pair of hosts, decode the underlay capture with tunl.wire
+    cli       `tunl lab ...`: main(argv) -> exit code
+"""
