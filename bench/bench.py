@@ -1,0 +1,236 @@
+"""Benchmark tunl's userspace data plane against the bare underlay it runs over.
+
+Run as root:  .venv/bin/python bench/bench.py [--time 5] [--pings 200] [--mode ipip] [--json]
+
+Two fresh network namespaces, tl-bench-<random>-a and -b, joined by a veth pair (the underlay),
+get the one-to-one tunnel of tests/integration/test_dataplane.py. iperf3 (one TCP stream, a -> b)
+and ping (a -> b) run first over the underlay addresses, then over the tunnel's inner addresses;
+meanwhile the CPU time of each namespace's tunld is read from /proc. A benchmark, not a test:
+it asserts nothing about time. It always removes what it made, also on Ctrl-C or failure, and
+ends only processes it started or that live in its own namespaces.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+BIN = os.path.dirname(sys.executable)
+TUNL = os.path.join(BIN, "tunl")
+ENV = {**os.environ, "PATH": BIN + ":" + os.environ.get("PATH", "")}
+A_UL, B_UL = "172.16.232.172", "172.16.232.194"       # underlay, /16, on veth eth0
+A_IN, B_IN = "10.42.1.1", "10.42.2.1"                 # tunnel inner addresses, /24
+# The one place to add a mode: its device name and its words for `tunl tunnel add`.
+# (sit will also need IPv6 inner addresses.)
+MODES = {"ipip": ("tunl0", "mode ipip")}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class Bench:
+    def __init__(self):
+        tag = uuid.uuid4().hex[:6]
+        self.a, self.b = f"tl-bench-{tag}-a", f"tl-bench-{tag}-b"
+        self.made: list[str] = []              # namespaces created, in order
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[str] = []              # tunld names its log by the namespace's inode
+
+    def run(self, ns: str, cmd: str, timeout: float = 60) -> str:
+        p = subprocess.run(["ip", "netns", "exec", ns, "sh", "-c", cmd], capture_output=True,
+                           text=True, timeout=timeout, env=ENV)
+        if p.returncode != 0:
+            raise RuntimeError(f"[{ns}] {cmd} -> exit {p.returncode}\n{p.stdout}{p.stderr}")
+        return p.stdout
+
+    def setup(self, mode: str) -> None:
+        for ns in (self.a, self.b):
+            self.made.append(ns)              # first: an interrupt must not leak it
+            subprocess.run(["ip", "netns", "add", ns], check=True)
+            log = f"/run/tunl/tunld.net-{os.stat(f'/run/netns/{ns}').st_ino}.log"
+            if not os.path.exists(log):       # inodes are reused: never remove another's log
+                self.logs.append(log)
+            self.run(ns, "ip link set lo up")
+        self.run(self.a, "ip link add eth0 mtu 1500 type veth peer name eth0 mtu 1500 "
+                         f"netns {self.b}")
+        dev, words = MODES[mode]
+        for ns, me, peer, mine, theirs in ((self.a, A_UL, B_UL, A_IN, "10.42.2.0/24"),
+                                           (self.b, B_UL, A_UL, B_IN, "10.42.1.0/24")):
+            self.run(ns, f"ip addr add {me}/16 dev eth0 && ip link set eth0 up")
+            self.run(ns, f"{TUNL} tunnel add {dev} {words} remote {peer} local {me}")
+            self.run(ns, f"ip addr add {mine}/24 dev {dev} && ip link set {dev} up && "
+                         f"ip route add {theirs} dev {dev}")
+        for dst in (B_UL, B_IN):                  # ARP resolved, both paths carry traffic
+            self.run(self.a, f"ping -n -c 3 -i 0.2 -W 2 {dst}")
+
+    def tunld_pid(self, ns: str) -> int:
+        return json.loads(self.run(ns, f"{TUNL} -j daemon status"))["pid"]
+
+    def iperf(self, dst: str, seconds: int) -> dict:
+        srv = subprocess.Popen(["ip", "netns", "exec", self.b, "iperf3", "-s", "-1", "-J"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        self.procs.append(srv)
+        deadline = time.monotonic() + 10
+        while "5201" not in self.run(self.b, "ss -Hltn 'sport = :5201'"):
+            if srv.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"iperf3 server did not listen: {srv.communicate()[1]}")
+            time.sleep(0.05)
+        out = json.loads(self.run(self.a, f"iperf3 -c {dst} -t {seconds} -J", timeout=seconds + 60))
+        srv.communicate(timeout=30)
+        if "error" in out:
+            raise RuntimeError(f"iperf3 to {dst}: {out['error']}")
+        end = out["end"]
+        return {"mbps": end["sum_received"]["bits_per_second"] / 1e6,
+                "retransmits": end["sum_sent"].get("retransmits"),
+                "seconds": end["sum_received"]["seconds"]}
+
+    def ping(self, dst: str, count: int) -> dict:
+        out = self.run(self.a, f"ping -n -q -c {count} -i 0.01 -W 2 {dst}", timeout=count + 60)
+        loss = float(re.search(r"([\d.]+)% packet loss", out).group(1))
+        rtt = re.search(r"= ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms", out)
+        return {"loss": loss, **dict(zip(("min", "avg", "max", "mdev"), map(float, rtt.groups())))}
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for ns in reversed(self.made):
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                pids = netns_pids(ns)
+                for pid in pids:
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+                deadline = time.monotonic() + 2
+                while pids and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    pids = netns_pids(ns)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        for log in self.logs:
+            try:
+                os.unlink(log)
+            except FileNotFoundError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def netns_pids(ns: str) -> list[int]:
+    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()   # the name may hold spaces and ')'
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK   # utime, stime (fields 14, 15)
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return kib / 1024
+
+
+def machine() -> dict:
+    info = {}
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    return {"cpu": info.get("model name") or info.get("Hardware") or platform.machine(),
+            "nproc": len(os.sched_getaffinity(0)), "kernel": platform.release(),
+            "python": platform.python_version(), "loadavg": os.getloadavg()[0],
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def measure(bench: Bench, args) -> list[dict]:
+    bare_ping = bench.ping(B_UL, args.pings)
+    bare_tcp = bench.iperf(B_UL, args.time)
+    tunl_ping = bench.ping(B_IN, args.pings)
+    pids = {ns: bench.tunld_pid(ns) for ns in (bench.a, bench.b)}
+    before = {ns: cpu_seconds(pid) for ns, pid in pids.items()}
+    tunl_tcp = bench.iperf(B_IN, args.time)
+    cpu = {ns: cpu_seconds(pid) - before[ns] for ns, pid in pids.items()}
+    rows = [("TCP throughput", "Mbit/s", bare_tcp["mbps"], tunl_tcp["mbps"]),
+            ("TCP retransmits", "", bare_tcp["retransmits"], tunl_tcp["retransmits"])]
+    rows += [(f"ping RTT {k}", "ms", bare_ping[k], tunl_ping[k])
+             for k in ("min", "avg", "max", "mdev")]
+    rows.append(("ping loss", "%", bare_ping["loss"], tunl_ping["loss"]))
+    for ns, side in ((bench.a, "a"), (bench.b, "b")):
+        rows += [(f"tunld {side} CPU time in TCP", "s", None, cpu[ns]),
+                 (f"tunld {side} CPU load in TCP", "% core", None,
+                  100 * cpu[ns] / tunl_tcp["seconds"]),
+                 (f"tunld {side} RSS", "MiB", None, rss_mib(pids[ns]))]
+    return [{"metric": m, "unit": u, "bare": b, "tunl": t,
+             "ratio": t / b if b and t is not None else None} for m, u, b, t in rows]
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "-"
+    return str(v) if isinstance(v, int) else f"{v:.3f}" if abs(v) < 10 else f"{v:,.1f}"
+
+
+def table(rows: list[dict], mach: dict, args) -> str:
+    lines = [f"tunl bench, mode {args.mode}: iperf3 TCP 1 stream {args.time}s, "
+             f"ping x{args.pings} at 10 ms, a -> b",
+             f"{'metric':<28}{'unit':>8}{'bare':>12}{'tunl':>12}{'ratio':>8}"]
+    for r in rows:
+        lines.append(f"{r['metric']:<28}{r['unit']:>8}{fmt(r['bare']):>12}{fmt(r['tunl']):>12}"
+                     f"{'-' if r['ratio'] is None else format(r['ratio'], '.3g'):>8}")
+    lines.append(f"machine: {mach['cpu']}, nproc {mach['nproc']}, kernel {mach['kernel']}, "
+                 f"Python {mach['python']}, load {mach['loadavg']:.2f}, {mach['date']}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--time", type=int, default=5, metavar="SECONDS", help="iperf3 -t (5)")
+    ap.add_argument("--pings", type=int, default=200, metavar="N", help="ping -c (200)")
+    ap.add_argument("--mode", choices=sorted(MODES), default="ipip")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = ap.parse_args()
+    if args.time < 1 or args.pings < 1:
+        ap.error("--time and --pings must be at least 1")
+    if os.geteuid() != 0:
+        ap.error("needs root (network namespaces, TUN devices)")
+
+    def stop(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):   # SIGINT: even if inherited ignored
+        signal.signal(sig, stop)
+    bench, mach = Bench(), machine()        # the load before the bench adds its own
+    try:
+        bench.setup(args.mode)
+        rows = measure(bench, args)
+    except KeyboardInterrupt:
+        print("interrupted; cleaning up", file=sys.stderr)
+        return 130
+    except (RuntimeError, subprocess.SubprocessError, OSError, ValueError) as e:
+        print(f"bench failed: {e}", file=sys.stderr)
+        return 1
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)        # a second Ctrl-C must not halve cleanup
+        bench.close()
+    if args.json:
+        print(json.dumps({"mode": args.mode, "time": args.time, "pings": args.pings,
+                          "machine": mach, "metrics": rows}, indent=2))
+    else:
+        print(table(rows, mach, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
