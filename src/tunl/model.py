@@ -43,8 +43,8 @@ def check_ifname(name: str, word: str = "name") -> str:
     """The rules of iproute2's check_ifname() (and the kernel's dev_valid_name())."""
     if not name:
         raise ConfigError(f'{word} "": a device name must not be empty')
-    if len(name) >= IFNAMSIZ:
-        raise ConfigError(f'{word} "{name}": a device name has at most {IFNAMSIZ - 1} characters')
+    if len(name.encode()) >= IFNAMSIZ:
+        raise ConfigError(f'{word} "{name}": a device name has at most {IFNAMSIZ - 1} bytes')
     if name in (".", "..") or any(c in "/:" or c.isspace() for c in name):
         raise ConfigError(f'{word} "{name}": a device name has no "/", ":" or white space')
     return name
@@ -95,8 +95,8 @@ class TunnelSpec:
             # iproute2 do_add(): "ttl != 0 and nopmtudisc are incompatible"
             raise ConfigError(f"ttl {self.ttl} with nopmtudisc: a fixed ttl needs pmtudisc")
         gre_only = self.ikey is not None or self.okey is not None
-        if gre_only and self.mode is not TunnelMode.GRE:
-            raise ConfigError(f"key with mode {self.mode.value}: keys are only for gre tunnels")
+        if gre_only and self.mode not in (TunnelMode.GRE, TunnelMode.VTI):
+            raise ConfigError(f"key with mode {self.mode.value}: keys are only for gre and vti tunnels")
         for k in ("ikey", "okey"):
             v = getattr(self, k)
             if v is not None and not 0 <= v <= 0xFFFFFFFF:

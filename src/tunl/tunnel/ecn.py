@@ -19,7 +19,8 @@ def decapsulate(outer_tos: int, inner_tos: int) -> tuple[int, bool]:
     """__INET_ECN_decapsulate(): (verdict, set inner CE).
 
     A not-ECT inner packet under an outer CE is dropped (RFC 6040 §4.2); under ECT(0|1) it is
-    accepted and the kernel logs it. Otherwise an outer CE marks the inner packet CE.
+    accepted and the kernel logs it. Otherwise an outer CE marks the inner packet CE, and an
+    outer ECT(1) turns an inner ECT(0) into ECT(1) (see set_ect1_ipv4()).
     """
     outer = outer_tos & MASK
     if inner_tos & MASK == NOT_ECT:
@@ -32,6 +33,21 @@ def decapsulate(outer_tos: int, inner_tos: int) -> tuple[int, bool]:
 def set_ce_ipv4(buf, off: int) -> None:
     """IP_ECN_set_ce(): mark an ECT IPv4 header CE and fix its checksum."""
     buf[off + 1] |= CE
+    hlen = (buf[off] & 0x0F) * 4
+    buf[off + 10] = buf[off + 11] = 0
+    c = inet_checksum(memoryview(buf)[off:off + hlen])
+    buf[off + 10], buf[off + 11] = c >> 8, c & 0xFF
+
+
+def set_ect1_ipv4(buf, off: int) -> None:
+    """IP_ECN_set_ect1(): an ECT(0) IPv4 header becomes ECT(1) (RFC 6040 §4.2, outer ECT(1)).
+
+    INET_ECN_decapsulate() does this when the verdict is OK, set_ce is false and the outer
+    header is ECT(1); any other inner codepoint is left alone.
+    """
+    if buf[off + 1] & MASK != ECT_0:
+        return
+    buf[off + 1] ^= MASK
     hlen = (buf[off] & 0x0F) * 4
     buf[off + 10] = buf[off + 11] = 0
     c = inet_checksum(memoryview(buf)[off:off + hlen])

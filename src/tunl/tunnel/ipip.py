@@ -72,4 +72,6 @@ def decap(buf, n: int) -> tuple[int, int] | Drop:
         return Drop.ECN
     if set_ce:
         ecn.set_ce_ipv4(buf, ihl)
+    elif verdict == ecn.OK and v[1] & ecn.MASK == ecn.ECT_1:
+        ecn.set_ect1_ipv4(buf, ihl)     # like INET_ECN_decapsulate()
     return ihl, inner_len

@@ -11,7 +11,8 @@ def lookup(tunnels: Sequence[tuple[bytes, bytes, T]], src: bytes, dst: bytes) ->
     """tunnels: (local, remote, value) with ANY for unset; src and dst: the outer addresses.
 
     Like ip_tunnel_lookup() for keyless tunnels: first local and remote both match, then the
-    remote alone (local any), then the local alone (remote any), then a tunnel with neither.
+    remote alone (local any), then the local alone (remote any) or, for a packet sent to a
+    multicast group, a broadcast tunnel whose remote is that group, then a tunnel with neither.
     Among equals the first one added wins.
     """
     remote_only = local_only = wildcard = None
@@ -26,6 +27,8 @@ def lookup(tunnels: Sequence[tuple[bytes, bytes, T]], src: bytes, dst: bytes) ->
                 local_only = value
             elif local == ANY and wildcard is None:
                 wildcard = value
+        elif remote == dst and dst[0] >> 4 == 14 and local_only is None:
+            local_only = value  # ipv4_is_multicast(local): a broadcast tunnel's group
     for v in (remote_only, local_only, wildcard):
         if v is not None:
             return v

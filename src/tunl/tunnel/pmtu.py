@@ -15,9 +15,18 @@ class PmtuCache:
         self._mtu: dict[bytes, tuple[int, float]] = {}
 
     def learn(self, peer: bytes, mtu: int) -> int:
-        """Record a next-hop MTU; values under MIN_PMTU are raised to it, like __ip_rt_update_pmtu()."""
+        """Record a next-hop MTU; values under MIN_PMTU are raised to it, like __ip_rt_update_pmtu().
+
+        A larger MTU than the one in force is ignored: RFC 1191 §3, a host MUST NOT increase its
+        estimate in response to a Datagram Too Big (the kernel's `old_mtu < mtu: return`).
+        Returns the MTU in force afterwards.
+        """
         mtu = max(mtu, MIN_PMTU)
-        self._mtu[peer] = (mtu, self._clock() + EXPIRES)
+        now = self._clock()
+        entry = self._mtu.get(peer)
+        if entry is not None and now < entry[1] and entry[0] < mtu:
+            return entry[0]
+        self._mtu[peer] = (mtu, now + EXPIRES)
         return mtu
 
     def get(self, peer: bytes, default: int) -> int:

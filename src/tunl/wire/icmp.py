@@ -77,10 +77,12 @@ def time_exceeded(original) -> IcmpMessage:
 def error_packet(src, original, msg: IcmpMessage, ttl: int = 64) -> bytes:
     """A whole IPv4 packet carrying an ICMP error about `original` back to its source.
 
-    TOS is internetwork control (0xc0) and DF is clear, as icmp_send() sends them.
+    TOS is the original's RT_TOS bits with internetwork control precedence, and DF is clear,
+    as icmp_send() sends an error.
     """
+    tos = (original[1] & 0x1E) | 0xC0
     return IPv4Header(IPv4Address(src), IPv4Address(bytes(original[12:16])), PROTO_ICMP,
-                      ttl=ttl, tos=0xC0, flags_frag=0).build(msg.build())
+                      ttl=ttl, tos=tos, flags_frag=0).build(msg.build())
 
 
 def parse_error(data) -> tuple[IcmpMessage, bytes] | Drop:
