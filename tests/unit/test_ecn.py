@@ -101,12 +101,12 @@ def test_ipip_decap_applies_rfc6040_table(inner, outer, dscp):
 
 @pytest.mark.parametrize("ihl", [5, 6, 15])
 @pytest.mark.parametrize("inner", [ECT0, ECT1, CE])
-def test_set_ce_ipv4_marks_ce_and_fixes_the_checksum(inner, ihl):
+def test_set_ce_on_ipv4_marks_ce_and_fixes_the_checksum(inner, ihl):
     opts = b"\x01" * (4 * (ihl - 5))
     pkt = ipv4.IPv4Header(ipv4.IPv4Address("1.1.1.1"), ipv4.IPv4Address("2.2.2.2"), 6,
                           tos=0x88 | inner, options=opts).build(b"tcp")
     buf = bytearray(b"\xee" * 4 + pkt)
-    ecn.set_ce_ipv4(buf, 4)
+    ecn.set_ce(buf, 4)
     assert buf[:4] == b"\xee" * 4
     assert buf[5] == 0x88 | CE
     assert inet_checksum(buf[4:4 + ihl * 4]) == 0
@@ -114,11 +114,23 @@ def test_set_ce_ipv4_marks_ce_and_fixes_the_checksum(inner, ihl):
 
 
 @pytest.mark.parametrize("inner", [NOT_ECT, ECT1, ECT0, CE], ids=NAMES.values())
-def test_set_ect1_ipv4_changes_only_ect0(inner):
+def test_set_ect1_on_ipv4_changes_only_ect0(inner):
     # IP_ECN_set_ect1(): only an ECT(0) header becomes ECT(1); the checksum follows
     pkt = ipv4.build("1.1.1.1", "2.2.2.2", 17, b"udp", tos=0x20 | inner)
     buf = bytearray(pkt)
-    ecn.set_ect1_ipv4(buf, 0)
+    ecn.set_ect1(buf, 0)
     assert buf[1] == 0x20 | (ECT1 if inner == ECT0 else inner)
     assert ipv4.validate(buf) is None
     assert buf[12:] == pkt[12:]
+
+
+@pytest.mark.parametrize("inner", [NOT_ECT, ECT1, ECT0, CE], ids=NAMES.values())
+def test_ecn_marks_on_ipv6_change_only_the_ecn_bits_of_the_traffic_class(inner):
+    from tunl.wire import ipv6
+    pkt = ipv6.build("2001:db8::1", "2001:db8::2", 17, b"udp", tc=0xA8 | inner, flow=0xABCDE)
+    buf = bytearray(pkt)
+    ecn.set_ect1(buf, 0)
+    assert ipv6.traffic_class(buf) == 0xA8 | (ECT1 if inner == ECT0 else inner)
+    ecn.set_ce(buf, 0)
+    assert ipv6.traffic_class(buf) == 0xA8 | CE
+    assert buf[0] >> 4 == 6 and buf[2:] == pkt[2:] and buf[1] & 0x0F == pkt[1] & 0x0F

@@ -30,25 +30,26 @@ def decapsulate(outer_tos: int, inner_tos: int) -> tuple[int, bool]:
     return OK, outer == CE
 
 
-def set_ce_ipv4(buf, off: int) -> None:
-    """IP_ECN_set_ce(): mark an ECT IPv4 header CE and fix its checksum."""
-    buf[off + 1] |= CE
-    hlen = (buf[off] & 0x0F) * 4
-    buf[off + 10] = buf[off + 11] = 0
-    c = inet_checksum(memoryview(buf)[off:off + hlen])
-    buf[off + 10], buf[off + 11] = c >> 8, c & 0xFF
-
-
-def set_ect1_ipv4(buf, off: int) -> None:
-    """IP_ECN_set_ect1(): an ECT(0) IPv4 header becomes ECT(1) (RFC 6040 §4.2, outer ECT(1)).
-
-    INET_ECN_decapsulate() does this when the verdict is OK, set_ce is false and the outer
-    header is ECT(1); any other inner codepoint is left alone.
-    """
-    if buf[off + 1] & MASK != ECT_0:
+def _set(buf, off: int, codepoint: int) -> None:
+    if buf[off] >> 4 == 6:           # traffic class straddles bytes 0 and 1; no checksum
+        buf[off + 1] = (buf[off + 1] & ~(MASK << 4)) | (codepoint << 4)
         return
-    buf[off + 1] ^= MASK
+    buf[off + 1] = (buf[off + 1] & ~MASK) | codepoint
     hlen = (buf[off] & 0x0F) * 4
     buf[off + 10] = buf[off + 11] = 0
     c = inet_checksum(memoryview(buf)[off:off + hlen])
     buf[off + 10], buf[off + 11] = c >> 8, c & 0xFF
+
+
+def set_ce(buf, off: int) -> None:
+    """IP_ECN_set_ce() / IP6_ECN_set_ce(): mark the inner packet at buf[off:] CE (an IPv4
+    header gets its checksum fixed)."""
+    _set(buf, off, CE)
+
+
+def set_ect1(buf, off: int) -> None:
+    """IP_ECN_set_ect1() / IP6_ECN_set_ect1(): an ECT(0) packet becomes ECT(1) (RFC 6040 §4.2,
+    under an outer ECT(1)); any other codepoint is left alone."""
+    tos = buf[off + 1] if buf[off] >> 4 == 4 else ((buf[off] & 0x0F) << 4) | (buf[off + 1] >> 4)
+    if tos & MASK == ECT_0:
+        _set(buf, off, ECT_1)
