@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from dataclasses import asdict, dataclass, field, replace
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 from .errors import ConfigError
 
@@ -60,6 +60,19 @@ def parse_ipv4(text: str, word: str) -> IPv4Address | None:
         raise ConfigError(f'{word} "{text}": an IPv4 address is a dotted quad or "any"') from None
 
 
+SIXTOFOUR = IPv6Network("2002::/16")      # ipip6_tunnel_clone_6rd(): the default 6rd prefix
+NO_RELAY = IPv4Network("0.0.0.0/0")
+
+
+def check_6rd(prefix: IPv6Network | None, relay: IPv4Network | None) -> None:
+    """The rules of ipip6_tunnel_update_6rd(): the IPv4 bits a 6rd address embeds (32 minus
+    the relay prefix length) must fit after the 6rd prefix within 64 bits."""
+    p, r = prefix or SIXTOFOUR, relay or NO_RELAY
+    if p.prefixlen + (32 - r.prefixlen) > 64:
+        raise ConfigError(f"6rd-prefix {p}: its length {p.prefixlen} plus the {32 - r.prefixlen} "
+                          f"IPv4 bits after 6rd-relay_prefix {r} must not pass 64")
+
+
 @dataclass(frozen=True)
 class TunnelSpec:
     """One tunnel as `ip tunnel add` describes it.
@@ -82,6 +95,11 @@ class TunnelSpec:
     oseq: bool = False
     icsum: bool = False
     ocsum: bool = False
+    # isatap: the potential router list, (router, default?) pairs (RFC 5214 §8.3.2)
+    prl: tuple[tuple[IPv4Address, bool], ...] = ()
+    # sit: 6rd (RFC 5969); None is the kernel's default, 6to4's 2002::/16 with no relay prefix
+    ip6rd_prefix: IPv6Network | None = None
+    ip6rd_relay_prefix: IPv4Network | None = None
 
     def __post_init__(self) -> None:
         check_ifname(self.name)
@@ -103,6 +121,13 @@ class TunnelSpec:
                 raise ConfigError(f"{k} {v}: a key is a 32-bit number or a dotted quad")
         if (self.iseq or self.oseq or self.icsum or self.ocsum) and self.mode is not TunnelMode.GRE:
             raise ConfigError(f"seq/csum with mode {self.mode.value}: only gre tunnels have them")
+        if self.prl and self.mode is not TunnelMode.ISATAP:
+            raise ConfigError(f"prl with mode {self.mode.value}: only isatap tunnels have a "
+                              "potential router list")
+        if (self.ip6rd_prefix or self.ip6rd_relay_prefix) and self.mode not in (
+                TunnelMode.SIT, TunnelMode.ISATAP):
+            raise ConfigError(f"6rd-prefix with mode {self.mode.value}: 6rd is for sit tunnels")
+        check_6rd(self.ip6rd_prefix, self.ip6rd_relay_prefix)
         if self.remote is not None and self.remote.is_multicast and self.local is None:
             raise ConfigError(f"remote {self.remote}: a broadcast tunnel requires a local address")
 
@@ -114,11 +139,19 @@ class TunnelSpec:
     def with_(self, **changes) -> "TunnelSpec":
         return replace(self, **changes)
 
+    @property
+    def sixrd(self) -> tuple[IPv6Network, IPv4Network]:
+        """The 6rd prefix and relay prefix in force (6to4's when none is set)."""
+        return (self.ip6rd_prefix or SIXTOFOUR, self.ip6rd_relay_prefix or NO_RELAY)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mode"] = self.mode.value
         d["remote"] = str(self.remote) if self.remote else None
         d["local"] = str(self.local) if self.local else None
+        d["prl"] = [[str(a), bool(default)] for a, default in self.prl]
+        for k in ("ip6rd_prefix", "ip6rd_relay_prefix"):
+            d[k] = str(d[k]) if d[k] else None
         return d
 
     def to_compact(self) -> dict:
@@ -133,6 +166,11 @@ class TunnelSpec:
         for k in ("remote", "local"):
             if d.get(k):
                 d[k] = IPv4Address(d[k])
+        d["prl"] = tuple((IPv4Address(a), bool(default)) for a, default in d.get("prl", ()))
+        if d.get("ip6rd_prefix"):
+            d["ip6rd_prefix"] = IPv6Network(d["ip6rd_prefix"])
+        if d.get("ip6rd_relay_prefix"):
+            d["ip6rd_relay_prefix"] = IPv4Network(d["ip6rd_relay_prefix"])
         return cls(**d)
 
 

@@ -14,5 +14,13 @@ class Drop(enum.Enum):
     NO_ROUTE = "no_route"            # no outer destination for an NBMA tunnel
     DEAD_LOOP = "dead_loop"          # the outer destination is routed into the tunnel itself
     TOO_BIG = "too_big"              # larger than the path MTU with DF: ICMP sent back
+    GRE_FLAGS = "gre_flags"          # GRE version or routing bits set
+    BAD_CSUM = "bad_gre_checksum"    # a GRE checksum that does not verify
+    CSUM_MISMATCH = "csum_mismatch"  # a checksum present but not configured, or the reverse
+    KEY_MISMATCH = "key_mismatch"    # a key that no tunnel has
+    OUT_OF_SEQ = "out_of_sequence"   # iseq: a missing or older sequence number
+    ISATAP_SOURCE = "isatap_source"  # an ISATAP packet from a router not in the list
+    SIXRD_SOURCE = "6rd_source"      # a 6rd packet whose inner source does not match its outer
+    PACKET_TOO_BIG = "packet_too_big"  # IPv6 larger than the tunnel MTU: ICMPv6 sent back
     SEND_FAILED = "send_failed"      # the underlay refused the packet
     TUNNEL_DOWN = "tunnel_down"      # the device is not up
