@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from dataclasses import asdict, dataclass, field, replace
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from .errors import ConfigError
 
@@ -178,8 +178,8 @@ class TunnelSpec:
 class Route:
     """A kernel route through a tunnel device: destination prefix and gateway (next hop)."""
 
-    dst: IPv4Network
-    gateway: IPv4Address | None = None
+    dst: IPv4Network | IPv6Network
+    gateway: IPv4Address | IPv6Address | None = None
     table: int = 254
 
 

@@ -210,7 +210,7 @@ def test_malformed_and_foreign_packets_are_dropped_and_counted(o2o):
     ("tunnel del eth0", "eth0 exists but tunl did not create it"),
     ("tunnel del nosuch0", 'delete tunnel "nosuch0" failed: No such device'),
     ("tunnel add t1 mode ipip remote 172.16.232.194 local 172.16.232.172",
-     "tunl0 has the same mode, local and remote addresses"),
+     "tunl0 has the same protocol, local and remote addresses and key"),
     ("tunnel add t2 mode ipip ttl 0x100", 'ttl "0x100": TTL is 1..255 or inherit'),
     ("tunnel add t3 mode vti", "mode vti: a vti tunnel needs IPsec"),
 ])

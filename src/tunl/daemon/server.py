@@ -23,7 +23,8 @@ from ..dataplane.engine import Engine
 from ..errors import (ConfigError, ExistsError, ForeignDeviceError, NotFoundError, TunlError,
                       UnsupportedError)
 from ..kernel import Kernel, RouteWatcher
-from ..kernel.netlink import disable_ipv6
+from ..kernel.netlink import disable_ipv6, no_link_local
+from ..tunnel import modes
 from ..model import TunnelMode, TunnelSpec
 from . import ALIAS_PREFIX, CONTROL_ADDRESS
 
@@ -74,7 +75,8 @@ class Tunld:
                     os.close(self.engine.remove(name))
                     log.info("%s was deleted", name)
                     continue
-                self.engine.set_state(name, k.routes(link.index), link.up, link.mtu)
+                self.engine.set_state(name, k.routes(link.index), link.up, link.mtu,
+                                      k.prefixes6(link.index))
 
     def serve(self) -> None:
         srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -142,12 +144,7 @@ class Tunld:
         if dataplane == "kernel":
             raise UnsupportedError("--dataplane kernel: this tunl has the userspace data plane "
                                    "only; use --dataplane userspace or auto")
-        if spec.mode is TunnelMode.VTI:
-            raise UnsupportedError("mode vti: a vti tunnel needs IPsec (xfrm), which the "
-                                   "userspace data plane does not carry")
-        if spec.mode is not TunnelMode.IPIP:
-            raise UnsupportedError(f"mode {spec.mode.value}: the userspace data plane carries "
-                                   "ipip tunnels only")
+        modes.module_for(spec.mode)     # vti: refused with the reason
 
     def _mtu_for(self, spec: TunnelSpec) -> int:
         """Underlay MTU minus the outer header, as ip_tunnel_bind_dev() computes it."""
@@ -162,7 +159,7 @@ class Tunld:
                 under = self.kernel.route_get(str(spec.remote))[1]
             except NotFoundError:
                 pass
-        return under - spec.mode.overhead
+        return under - modes.codec_for(spec).overhead
 
     def op_add(self, spec: dict, dataplane: str = "auto") -> dict:
         s = TunnelSpec.from_dict(spec)
@@ -171,15 +168,18 @@ class Tunld:
             raise ExistsError(f'add tunnel "{s.name}" failed: File exists')
         for other in self.engine.tunnels.values():
             o = other.spec
-            if (o.mode, o.local, o.remote, o.ikey) == (s.mode, s.local, s.remote, s.ikey):
+            if (o.mode.proto, o.local, o.remote, o.ikey) == (s.mode.proto, s.local, s.remote, s.ikey):
                 # ip_tunnel_add() finds a tunnel with the same parameters
                 raise ExistsError(f'add tunnel "{s.name}" failed: {o.name} has the same '
-                                  'mode, local and remote addresses')
+                                  'protocol, local and remote addresses and key')
         mtu = self._mtu_for(s)
         fd = tun.create(s.name)
         try:
             self.kernel.set_link(s.name, mtu=mtu, alias=spec_to_alias(s))
-            disable_ipv6(s.name)
+            if s.mode is TunnelMode.IPIP:
+                disable_ipv6(s.name)
+            else:
+                no_link_local(s.name)
             link = self.kernel.link(s.name)
         except BaseException:
             tun.destroy(fd)
@@ -217,7 +217,7 @@ class Tunld:
     def _status(self, name: str) -> dict:
         t = self.engine.tunnels[name]
         return {"spec": t.spec.to_dict(), "dataplane": "userspace", "ifindex": t.ifindex,
-                "mtu": t.mtu, "up": t.up, "routes": len(t.fib),
+                "mtu": t.mtu, "up": t.up, "routes": len(t.fib4) + len(t.fib6),
                 "counters": t.counters.as_dict()}
 
     def op_show(self, name: str | None = None) -> list[dict]:

@@ -1,12 +1,14 @@
 """The userspace forwarding engine of one network namespace.
 
-Egress, one thread per tunnel: TUN read → outer destination (remote, or the gateway of the
-mirrored route: NBMA) → path MTU check → encapsulate in the headroom → raw socket send.
-Ingress, one thread per outer protocol: raw receive → tunnel lookup (ip_tunnel_lookup()) →
-check and decapsulate → TUN write. A third thread learns path MTUs from ICMP.
+Egress, one thread per tunnel: TUN read → outer destination (the remote, or for NBMA the
+next hop of the mirrored kernel route) → path MTU check → the mode's codec writes its headers
+in the headroom → raw socket send.
+Ingress, one thread per outer protocol (4, 47, 41): raw receive → the codec module's demux
+(outer checks, GRE key) → tunnel lookup (ip_tunnel_lookup()) → the tunnel's codec checks and
+decapsulates → TUN write. One more thread learns path MTUs from ICMP.
 
 Threads block in system calls (releasing the GIL) and never raise on a bad packet: they drop
-and count. Tables the hot path reads (routes, the lookup list) are immutable snapshots that
+and count. Tables the hot path reads (routes, the lookup lists) are immutable snapshots that
 the control thread replaces whole.
 """
 from __future__ import annotations
@@ -20,31 +22,39 @@ from collections import Counter
 from typing import Callable
 
 from ..model import Route, TunnelSpec
-from ..tunnel import ipip
-from ..tunnel.lookup import ANY, lookup
+from ..tunnel import modes
+from ..tunnel.lookup import lookup
+from ..tunnel.outer import ANY, HEADROOM, v4_compatible
 from ..tunnel.pmtu import PmtuCache
-from ..wire import icmp
+from ..wire import icmp, icmpv6
 from ..wire.drop import Drop
-from ..wire.ipv4 import IPV4_HLEN, PROTO_ICMP, PROTO_IPIP
+from ..wire.ipv4 import IPV4_HLEN, PROTO_GRE, PROTO_ICMP, PROTO_IPIP, PROTO_IPV6
+from ..wire.ipv6 import IPV6_HLEN, MIN_MTU as IPV6_MIN_MTU
 from . import rawsock
 from .counters import Counters
 from .fib import Fib
 
 log = logging.getLogger("tunl.dataplane")
 
-HEADROOM = ipip.HEADROOM
 MAX_PACKET = 65535
+TUNNEL_PROTOS = (PROTO_IPIP, PROTO_GRE, PROTO_IPV6)
+MIN_LEN = {4: IPV4_HLEN, 6: IPV6_HLEN}
+
+# how ip_tunnel_rcv() counts a dropped packet, beyond rx_errors
+RX_COUNTER = {Drop.CSUM_MISMATCH: "rx_crc_errors", Drop.BAD_CSUM: "rx_crc_errors",
+              Drop.OUT_OF_SEQ: "rx_fifo_errors", Drop.ECN: "rx_frame_errors"}
 
 
 class TunnelPlane:
-    """The runtime of one tunnel: its device queue, socket, encapsulation and counters."""
+    """The runtime of one tunnel: its device queue, socket, codec, routes and counters."""
 
     def __init__(self, spec: TunnelSpec, fd: int, ifindex: int, mtu: int):
         self.fd = fd
         self.ifindex = ifindex
         self.mtu = mtu
         self.counters = Counters()
-        self.fib = Fib()
+        self.fib4 = Fib()
+        self.fib6 = Fib(bits=128)
         self.up = False
         self.sock = rawsock.sender(spec.dev)
         self.stopping = False
@@ -54,10 +64,26 @@ class TunnelPlane:
 
     def configure(self, spec: TunnelSpec) -> None:
         self.spec = spec
-        self.encap = ipip.IpipEncap(spec)
+        self.codec = modes.codec_for(spec)
+        self.proto = self.codec.proto
         self.remote = spec.remote.packed if spec.remote else None
-        self.key = (spec.local.packed if spec.local else ANY,
-                    spec.remote.packed if spec.remote else ANY)
+        self.local_any = (spec.local.packed if spec.local else ANY,
+                          spec.remote.packed if spec.remote else ANY)
+
+    def count_rx_drop(self, why: Drop) -> None:
+        c = self.counters
+        c.rx_errors += 1
+        field = RX_COUNTER.get(why)
+        if field:
+            setattr(c, field, getattr(c, field) + 1)
+        c.rx_drop[why] += 1
+
+    def count_tx_drop(self, why: Drop, field: str | None = None) -> None:
+        c = self.counters
+        c.tx_errors += 1
+        if field:
+            setattr(c, field, getattr(c, field) + 1)
+        c.tx_drop[why] += 1
 
     def wake(self) -> None:
         os.write(self._wake_w, b"x")
@@ -74,19 +100,18 @@ class Engine:
         self.pmtu = PmtuCache(clock)
         self.unmatched: Counter = Counter()     # received packets no tunnel took, by reason
         self.icmp_frag_needed = 0
-        self._by_addr: tuple = ()
+        # proto -> GRE key (None: no key) -> ((local, remote, plane), ...) of the up tunnels
+        self._tables: dict[int, dict] = {p: {} for p in TUNNEL_PROTOS}
+        self._receivers: dict[int, socket.socket] = {}
         self._stopping = False
-        self._rx = rawsock.receiver(PROTO_IPIP)
         self._icmp = rawsock.receiver(PROTO_ICMP)
         self._wake_r, self._wake_w = os.pipe()
-        self._threads = [threading.Thread(target=self._ingress, name="ingress-ipip", daemon=True),
-                         threading.Thread(target=self._icmp_loop, name="icmp", daemon=True)]
+        self._threads = [threading.Thread(target=self._icmp_loop, name="icmp", daemon=True)]
 
     # -- control (called from the daemon's thread) ------------------------------------------
 
     def start(self) -> None:
-        for t in self._threads:
-            t.start()
+        self._threads[0].start()
 
     def stop(self) -> None:
         for name in list(self.tunnels):
@@ -98,12 +123,23 @@ class Engine:
 
     def add(self, spec: TunnelSpec, fd: int, ifindex: int, mtu: int) -> TunnelPlane:
         t = TunnelPlane(spec, fd, ifindex, mtu)
+        self._receive(t.proto)
         self.tunnels[spec.name] = t
         t.thread = threading.Thread(target=self._egress, args=(t,), name=f"egress-{spec.name}",
                                     daemon=True)
         t.thread.start()
         self._reindex()
         return t
+
+    def _receive(self, proto: int) -> None:
+        """The first tunnel of a protocol opens its raw socket and ingress thread."""
+        if proto in self._receivers:
+            return
+        sock = self._receivers[proto] = rawsock.receiver(proto)
+        th = threading.Thread(target=self._ingress, args=(proto, sock), daemon=True,
+                              name=f"ingress-{proto}")
+        self._threads.append(th)
+        th.start()
 
     def reconfigure(self, spec: TunnelSpec) -> None:
         self.tunnels[spec.name].configure(spec)
@@ -120,18 +156,31 @@ class Engine:
         t.close()
         return t.fd
 
-    def set_state(self, name: str, routes: list[Route], up: bool, mtu: int) -> None:
+    def set_state(self, name: str, routes: list[Route], up: bool, mtu: int,
+                  prefixes: tuple = ()) -> None:
         t = self.tunnels[name]
-        if tuple(routes) != t.fib.routes:
-            t.fib = Fib(routes)
+        v4 = tuple(r for r in routes if r.dst.version == 4)
+        v6 = tuple(r for r in routes if r.dst.version == 6)
+        if v4 != t.fib4.routes:
+            t.fib4 = Fib(v4)
+        if v6 != t.fib6.routes:
+            t.fib6 = Fib(v6, bits=128)
+        if hasattr(t.codec, "set_prefixes"):
+            t.codec.set_prefixes(prefixes)
         t.mtu = mtu
         if up != t.up:
             t.up = up
             self._reindex()
 
     def _reindex(self) -> None:
-        # the hot path reads this tuple; replacing it whole needs no lock
-        self._by_addr = tuple((t.key[0], t.key[1], t) for t in self.tunnels.values() if t.up)
+        # the hot path reads these tuples; replacing them whole needs no lock
+        tables: dict[int, dict] = {p: {} for p in TUNNEL_PROTOS}
+        for t in self.tunnels.values():
+            if t.up:
+                key = t.spec.ikey if t.proto == PROTO_GRE else None
+                by_key = tables[t.proto]
+                by_key[key] = by_key.get(key, ()) + ((t.local_any[0], t.local_any[1], t),)
+        self._tables = tables
 
     # -- egress -----------------------------------------------------------------------------
 
@@ -152,81 +201,102 @@ class Engine:
                 if not t.stopping:
                     log.error("%s: reading the device failed: %s", t.spec.name, e)
                 return
-            if n < IPV4_HLEN or buf[H] >> 4 != 4:
-                c.tx_errors += 1
-                c.tx_drop[Drop.NOT_IPV4] += 1
+            codec = t.codec
+            ver = buf[H] >> 4 if n else 0
+            if ver not in codec.versions or n < MIN_LEN[ver]:
+                t.count_tx_drop(Drop.NOT_IPV4 if 4 in codec.versions else Drop.NOT_IPV6)
                 continue
-            if t.remote is not None:
-                dst = t.remote
-            else:
-                found, gw = t.fib.lookup(int.from_bytes(buf[H + 16:H + 20], "big"))
-                # rt_nexthop(): the route's gateway, else the inner destination itself
-                dst = gw if gw is not None else bytes(buf[H + 16:H + 20])
-            if dst == ANY:
-                c.tx_errors += 1
-                c.tx_carrier_errors += 1          # NoRoute
-                c.tx_drop[Drop.NO_ROUTE] += 1
+            dst = t.remote or self._nbma_dst(t, buf, ver)
+            if dst is None or dst == ANY:
+                t.count_tx_drop(Drop.NO_ROUTE, "tx_carrier_errors")       # NoRoute
                 continue
-            if t.fib.routes and t.fib.lookup(int.from_bytes(dst, "big"))[0]:
-                c.tx_errors += 1                  # the outer packet would come back into
-                c.collisions += 1                 # this tunnel: DeadLoop, like the kernel
-                c.tx_drop[Drop.DEAD_LOOP] += 1
+            if t.fib4.routes and t.fib4.lookup(int.from_bytes(dst, "big"))[0]:
+                # the outer packet would be routed into this tunnel again: DeadLoop
+                t.count_tx_drop(Drop.DEAD_LOOP, "collisions")
                 continue
-            if len(pmtu) and buf[H + 6] & 0x40:
-                mtu = pmtu.get(dst, MAX_PACKET) - IPV4_HLEN
-                if n > mtu:                     # tnl_update_pmtu()
-                    self._frag_needed(t, view[H:H + n], mtu)
-                    c.tx_errors += 1
-                    c.tx_drop[Drop.TOO_BIG] += 1
-                    continue
+            if len(pmtu) and self._too_big(t, view, n, ver, dst):
+                continue
             ident = (ident + 1) & 0xFFFF or 1
-            start = t.encap.encap(buf, H, n, dst, ident)
+            start = codec.encap(buf, H, n, dst, ident)
+            if start.__class__ is Drop:
+                t.count_tx_drop(start)
+                continue
             try:
                 t.sock.sendto(view[start:H + n], (ntoa(dst), 0))
             except OSError:
-                c.tx_errors += 1
-                c.tx_drop[Drop.SEND_FAILED] += 1
+                t.count_tx_drop(Drop.SEND_FAILED)
                 continue
             c.tx_packets += 1
             c.tx_bytes += n
 
-    def _frag_needed(self, t: TunnelPlane, inner, mtu: int) -> None:
-        """ICMP fragmentation needed back to the inner source, as if from the far side
-        (its source is the inner destination, so the kernel's rp_filter accepts it)."""
-        pkt = icmp.error_packet(bytes(inner[16:20]), inner,
-                                icmp.dest_unreach(icmp.FRAG_NEEDED, inner, mtu))
+    @staticmethod
+    def _nbma_dst(t: TunnelPlane, buf, ver: int) -> bytes | None:
+        """The outer destination of a tunnel without remote: the next hop of the route."""
+        H = HEADROOM
+        if ver == 4:
+            inner_dst = bytes(buf[H + 16:H + 20])
+            _found, gw = t.fib4.lookup(int.from_bytes(inner_dst, "big"))
+            return gw if gw is not None else inner_dst       # rt_nexthop()
+        inner_dst = bytes(buf[H + 24:H + 40])
+        _found, gw = t.fib6.lookup(int.from_bytes(inner_dst, "big"))
+        outer_dst = getattr(t.codec, "outer_dst", None)
+        if outer_dst is not None:                             # sit, isatap, 6rd
+            return outer_dst(inner_dst, gw)
+        return v4_compatible(gw if gw is not None else inner_dst)
+
+    def _too_big(self, t: TunnelPlane, view, n: int, ver: int, dst: bytes) -> bool:
+        """tnl_update_pmtu(): answer a packet the learned path MTU cannot carry."""
+        H = HEADROOM
+        mtu = self.pmtu.get(dst, MAX_PACKET) - t.codec.overhead
+        if n <= mtu:
+            return False
+        inner = view[H:H + n]
+        if ver == 4:
+            if not inner[6] & 0x40:
+                return False        # no DF: the outer packet may be fragmented
+            pkt = icmp.error_packet(bytes(inner[16:20]), inner,
+                                    icmp.dest_unreach(icmp.FRAG_NEEDED, inner, mtu))
+        else:
+            mtu = max(mtu, IPV6_MIN_MTU)        # RFC 4213 §3.2.2
+            if n <= mtu:
+                return False
+            pkt = icmpv6.error_packet(bytes(inner[24:40]), inner,
+                                      icmpv6.packet_too_big(inner, mtu))
         try:
-            os.write(t.fd, pkt)
+            os.write(t.fd, pkt)   # as if from the far side: the inner destination answers
         except OSError:
             pass
+        t.count_tx_drop(Drop.TOO_BIG)
+        return True
 
     # -- ingress ----------------------------------------------------------------------------
 
-    def _ingress(self) -> None:
+    def _ingress(self, proto: int, sock: socket.socket) -> None:
         buf = bytearray(MAX_PACKET + 1)
         view = memoryview(buf)
-        recv_into, write, decap = self._rx.recv_into, os.write, ipip.decap
-        fd = self._rx.fileno()
+        demux = modes.module_for_proto(proto).demux
+        recv_into, write = sock.recv_into, os.write
+        fd = sock.fileno()
         while not self._stopping:
             try:
                 n = recv_into(buf)
             except BlockingIOError:
                 select.select([fd, self._wake_r], [], [])
                 continue
-            t = lookup(self._by_addr, buf[12:16], buf[16:20]) if n >= IPV4_HLEN else None
-            r = decap(buf, n)
+            r = demux(buf, n)
             if r.__class__ is Drop:
-                if t is None:
-                    self.unmatched[r] += 1
-                else:
-                    c = t.counters
-                    c.rx_errors += 1
-                    if r is Drop.ECN:
-                        c.rx_frame_errors += 1
-                    c.rx_drop[r] += 1
+                self.unmatched[r] += 1
                 continue
+            ihl, end, key, ctx = r
+            by_key = self._tables[proto]
+            t = lookup(by_key.get(key, ()), buf[12:16], buf[16:20])
             if t is None:
-                self.unmatched[Drop.NO_TUNNEL] += 1
+                self.unmatched[Drop.KEY_MISMATCH if by_key and key not in by_key
+                               else Drop.NO_TUNNEL] += 1
+                continue
+            r = t.codec.decap_at(buf, ihl, end, ctx)
+            if r.__class__ is Drop:
+                t.count_rx_drop(r)
                 continue
             off, ln = r
             try:
@@ -257,7 +327,7 @@ class Engine:
             msg, quoted = got
             if (msg.type, msg.code) != (icmp.DEST_UNREACH, icmp.FRAG_NEEDED):
                 continue
-            if quoted[9] != PROTO_IPIP or not msg.mtu:
+            if quoted[9] not in TUNNEL_PROTOS or not msg.mtu:
                 continue
             self.icmp_frag_needed += 1
             learned = self.pmtu.learn(bytes(quoted[16:20]), msg.mtu)

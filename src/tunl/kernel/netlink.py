@@ -5,6 +5,7 @@ import ipaddress
 import logging
 import os
 import select
+import socket
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -73,17 +74,24 @@ class Kernel:
             raise LinkError("set link", name, e.code) from e
 
     def routes(self, ifindex: int) -> list[Route]:
-        """Unicast IPv4 routes out of a device, in every table but the local one."""
+        """Unicast IPv4 and IPv6 routes out of a device, in every table but the local one."""
         out = []
-        for m in self._ipr.get_routes(family=2, oif=ifindex):
-            if m["type"] != RTN_UNICAST or m["table"] == RT_TABLE_LOCAL:
-                continue
-            dst = m.get_attr("RTA_DST") or "0.0.0.0"
-            gw = m.get_attr("RTA_GATEWAY")
-            table = m.get_attr("RTA_TABLE") or m["table"]
-            out.append(Route(ipaddress.IPv4Network(f"{dst}/{m['dst_len']}"),
-                             ipaddress.IPv4Address(gw) if gw else None, table))
+        for family, any_addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+            for m in self._ipr.get_routes(family=family, oif=ifindex):
+                if m["type"] != RTN_UNICAST or m["table"] == RT_TABLE_LOCAL:
+                    continue
+                dst = m.get_attr("RTA_DST") or any_addr
+                gw = m.get_attr("RTA_GATEWAY")
+                table = m.get_attr("RTA_TABLE") or m["table"]
+                out.append(Route(ipaddress.ip_network(f"{dst}/{m['dst_len']}"),
+                                 ipaddress.ip_address(gw) if gw else None, table))
         return out
+
+    def prefixes6(self, ifindex: int) -> tuple:
+        """The IPv6 prefixes of the addresses on a device (ipv6_chk_prefix())."""
+        return tuple(ipaddress.IPv6Network(f"{m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}",
+                                           strict=False)
+                     for m in self._ipr.get_addr(family=socket.AF_INET6, index=ifindex))
 
     def route_get(self, dst: str) -> tuple[str | None, int]:
         """The device the kernel would send to dst through, and that device's MTU."""
@@ -96,14 +104,23 @@ class Kernel:
         return link.get_attr("IFLA_IFNAME"), link.get_attr("IFLA_MTU")
 
 
+def _ipv6_conf(name: str, key: str, value: str) -> None:
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/{key}", "w") as f:
+            f.write(value)
+    except OSError:
+        pass  # no IPv6 in this kernel or namespace: nothing to set
+
+
 def disable_ipv6(name: str) -> None:
     """An ipip device carries no IPv6; keep the TUN device from sending router solicitations."""
-    path = f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6"
-    try:
-        with open(path, "w") as f:
-            f.write("1")
-    except OSError:
-        pass  # no IPv6 in this kernel or namespace: nothing to silence
+    _ipv6_conf(name, "disable_ipv6", "1")
+
+
+def no_link_local(name: str) -> None:
+    """No automatic link-local address (addrgenmode none) on a device that carries IPv6: a TUN
+    device would otherwise make up one and send router solicitations through the tunnel."""
+    _ipv6_conf(name, "addr_gen_mode", "1")
 
 
 class RouteWatcher:

@@ -43,6 +43,7 @@ class IpipCodec:
 
 
 IpipEncap = IpipCodec
+CODEC = IpipCodec
 
 
 def outer_df(buf, off: int) -> bool:

@@ -87,3 +87,12 @@ def inner_version(buf, off: int, n: int) -> int:
     if v == 4 and n >= IPV4_HLEN or v == 6 and n >= IPV6_HLEN:
         return v
     return 0
+
+
+def v4_compatible(addr: bytes) -> bytes | None:
+    """The IPv4 address in an IPv4-compatible IPv6 address ::a.b.c.d (IPV6_ADDR_COMPATv4:
+    96 zero bits, and not :: or ::1), as ip_tunnel_xmit() and ipip6_tunnel_xmit() take a
+    next hop; else None."""
+    if addr[:12] != bytes(12) or int.from_bytes(addr[12:], "big") <= 1:
+        return None
+    return bytes(addr[12:])

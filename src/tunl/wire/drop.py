@@ -7,7 +7,8 @@ class Drop(enum.Enum):
     BAD_HLEN = "bad_header_length"   # IHL < 5 or past the end of the packet
     BAD_CHECKSUM = "bad_checksum"    # IPv4 header checksum does not verify
     BAD_LENGTH = "bad_total_length"  # total length smaller than the header or past the end
-    NOT_IPV4 = "not_ipv4"            # an inner packet this mode cannot carry
+    NOT_IPV4 = "not_ipv4"            # an inner packet this mode cannot carry (ipip: not IPv4)
+    NOT_IPV6 = "not_ipv6"            # sit carries IPv6 only
     WRONG_PROTO = "wrong_protocol"   # outer protocol is not this mode's
     ECN = "ecn"                      # RFC 6040: outer CE over a not-ECT inner packet
     NO_TUNNEL = "no_tunnel"          # no tunnel matches the outer addresses
