@@ -128,3 +128,63 @@ def test_cli_unknown_object_and_option(capsys):
     assert err == ['tunl: object "bogus": unknown; try "tunl help"',
                    'tunl: option "-x": unknown; the options are -s, -j, -p and --dataplane',
                    'tunl: --dataplane "fpga": the data planes are auto, userspace and kernel']
+
+
+def test_sit_shows_the_default_6rd_prefix_like_iproute2():
+    s = grammar.spec_for_add("sit1 mode sit remote 192.0.2.1 local 192.0.2.2".split())
+    assert tunnel_line(s) == \
+        "sit1: ipv6/ip remote 192.0.2.1 local 192.0.2.2 ttl inherit 6rd-prefix 2002::/16"
+
+
+def test_6rd_relay_prefix_is_shown_when_set():
+    from ipaddress import IPv4Network, IPv6Network
+    s = grammar.spec_for_add("sit1 mode sit".split()).with_(
+        ip6rd_prefix=IPv6Network("2001:db8::/32"), ip6rd_relay_prefix=IPv4Network("10.0.0.0/8"))
+    assert tunnel_line(s) == ("sit1: ipv6/ip remote any local any ttl inherit "
+                              "6rd-prefix 2001:db8::/32 6rd-relay_prefix 10.0.0.0/8")
+
+
+def test_isatap_prints_its_router_list_as_print_tunnel_does():
+    s = grammar.spec_for_add("isatap0 local 10.0.0.1".split()).with_(
+        prl=((IPv4Address("10.0.0.9"), True), (IPv4Address("10.0.0.8"), False)))
+    assert tunnel_line(s) == ("isatap0: ipv6/ip remote any local 10.0.0.1 pdr 10.0.0.9  "
+                              "pr 10.0.0.8  ttl inherit 6rd-prefix 2002::/16")
+
+
+@pytest.mark.parametrize("words, want", [
+    ("prl-default 10.0.0.9 dev isatap0", ("isatap0", "add", IPv4Address("10.0.0.9"), True)),
+    ("dev isatap0 prl-nodefault 10.0.0.8", ("isatap0", "add", IPv4Address("10.0.0.8"), False)),
+    ("prl-delete 10.0.0.8 dev isatap0", ("isatap0", "del", IPv4Address("10.0.0.8"), False)),
+])
+def test_prl_words(words, want):
+    assert grammar.parse_prl(words.split()) == want
+
+
+@pytest.mark.parametrize("words, message", [
+    ("prl-default 10.0.0.9", "prl: must specify device"),
+    ("prl-default 10.0.0.9 prl-delete 10.0.0.8 dev i0", "one PRL entry at a time"),
+    ("prl-bogus 1.2.3.4 dev i0", '"prl-bogus": invalid PRL parameter'),
+    ("prl-default any dev i0", "a router of the PRL is a unicast IPv4 address"),
+    ("6rd-prefix 2001:db8::/32", "6rd: must specify device"),
+    ("dev s1 6rd-prefix 2001:db8::1/32", 'an IPv6 prefix with no host bits'),
+    ("dev s1 6rd-relay_prefix 10.1.2.3/8", "with no host bits"),
+    ("dev s1", "say 6rd-prefix, 6rd-relay_prefix or 6rd-reset"),
+])
+def test_bad_prl_and_6rd_words(words, message):
+    parse = grammar.parse_prl if words.startswith("prl") else grammar.parse_6rd
+    with pytest.raises(ConfigError, match=message):
+        parse(words.split())
+
+
+def test_6rd_words_leave_out_what_is_not_said_as_zero_like_siocadd6rd():
+    from ipaddress import IPv4Network, IPv6Network
+    assert grammar.parse_6rd("dev s1 6rd-prefix 2001:db8::/32".split()) == \
+        ("s1", IPv6Network("2001:db8::/32"), IPv4Network("0.0.0.0/0"), False)
+    assert grammar.parse_6rd("dev s1 6rd-reset".split()) == ("s1", None, None, True)
+
+
+def test_6rd_prefix_rule_of_the_kernel():
+    from ipaddress import IPv4Network, IPv6Network
+    s = grammar.spec_for_add("sit1 mode sit".split())
+    with pytest.raises(ConfigError, match="must not pass 64"):
+        s.with_(ip6rd_prefix=IPv6Network("2001:db8::/48"), ip6rd_relay_prefix=IPv4Network("10.0.0.0/8"))

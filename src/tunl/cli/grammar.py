@@ -1,8 +1,10 @@
 """The grammar of `ip tunnel` (iproute2 ip/iptunnel.c parse_args()), into TunnelSpec.
 
-    tunl tunnel { add | change | del | show } [ NAME ]
+    tunl tunnel { add | change | del | show | prl | 6rd } [ NAME ]
           [ mode { ipip | gre | sit | isatap | vti } ] [ remote ADDR ] [ local ADDR ]
           [ [i|o]seq ] [ [i|o]key KEY ] [ [i|o]csum ]
+          [ prl-default ADDR ] [ prl-nodefault ADDR ] [ prl-delete ADDR ]
+          [ 6rd-prefix ADDR ] [ 6rd-relay_prefix ADDR ] [ 6rd-reset ]
           [ ttl TTL ] [ tos TOS ] [ [no]pmtudisc ] [ dev PHYS_DEV ]
 
     Where: NAME := STRING
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import ipaddress
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 from ..errors import ConfigError
 from ..model import TunnelMode, TunnelSpec, check_ifname, parse_ipv4
@@ -184,3 +187,75 @@ def spec_for_change(words: list[str], current: TunnelSpec) -> TunnelSpec:
 def name_only(words: list[str], verb: str) -> str | None:
     f = parse_words(words)
     return f.get("name")
+
+
+def parse_prl(words: list[str]) -> tuple[str, str, IPv4Address, bool]:
+    """do_prl(): (device, "add" | "del", router, default?); one entry at a time."""
+    dev = action = addr = None
+    default = False
+    i = 0
+    while i < len(words):
+        w = words[i]
+        if w in ("prl-default", "prl-nodefault", "prl-delete"):
+            if addr is not None:
+                raise ConfigError(f"{w}: one PRL entry at a time")
+            addr = parse_ipv4(next_word(words, i), w)
+            if addr is None:
+                raise ConfigError(f'{w} "any": a router of the PRL is a unicast IPv4 address')
+            action = "del" if w == "prl-delete" else "add"
+            default = w == "prl-default"
+            i += 1
+        elif w == "dev":
+            dev = check_ifname(next_word(words, i), "dev")
+            i += 1
+        else:
+            raise ConfigError(f'"{w}": invalid PRL parameter; tunl tunnel prl '
+                              '{ prl-default | prl-nodefault | prl-delete } ADDR dev NAME')
+        i += 1
+    if dev is None:
+        raise ConfigError("prl: must specify device (dev NAME)")
+    if addr is None:
+        raise ConfigError("prl: say prl-default, prl-nodefault or prl-delete with an address")
+    return dev, action, addr, default
+
+
+def parse_6rd(words: list[str]) -> tuple[str, IPv6Network | None, IPv4Network | None, bool]:
+    """do_6rd(): (device, prefix, relay prefix, reset?). Like SIOCADD6RD, a word left out
+    sets its prefix to zero."""
+    dev = prefix = relay = None
+    reset = False
+    i = 0
+    while i < len(words):
+        w = words[i]
+        if w == "6rd-prefix":
+            v = next_word(words, i)
+            try:
+                prefix = IPv6Network(v)
+            except ValueError:
+                raise ConfigError(f'6rd-prefix "{v}": a 6rd prefix is an IPv6 prefix with no '
+                                  'host bits, like 2001:db8::/32') from None
+            i += 1
+        elif w == "6rd-relay_prefix":
+            v = next_word(words, i)
+            try:
+                relay = IPv4Network(v)
+            except ValueError:
+                raise ConfigError(f'6rd-relay_prefix "{v}": a relay prefix is an IPv4 prefix '
+                                  'with no host bits, like 10.0.0.0/8') from None
+            i += 1
+        elif w == "6rd-reset":
+            reset = True
+        elif w == "dev":
+            dev = check_ifname(next_word(words, i), "dev")
+            i += 1
+        else:
+            raise ConfigError(f'"{w}": invalid 6RD parameter; tunl tunnel 6rd dev NAME '
+                              '{ 6rd-prefix P [ 6rd-relay_prefix R ] | 6rd-reset }')
+        i += 1
+    if dev is None:
+        raise ConfigError("6rd: must specify device (dev NAME)")
+    if not reset and prefix is None and relay is None:
+        raise ConfigError("6rd: say 6rd-prefix, 6rd-relay_prefix or 6rd-reset")
+    if reset:
+        return dev, None, None, True
+    return dev, prefix or IPv6Network("::/0"), relay or IPv4Network("0.0.0.0/0"), False

@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-from ..errors import ConfigError, TunlError, UnsupportedError
+from ..errors import ConfigError, TunlError
 from ..model import TunnelSpec
 from . import grammar, show
 
@@ -72,9 +72,17 @@ def do_tunnel(argv: list[str], opts: dict) -> int:
             if opts["stats"]:
                 out.write(show.stats_lines(t["counters"]) + "\n")
         return 0
-    if verb in ("prl", "6rd"):
-        raise UnsupportedError(f"{verb}: it is for sit and isatap tunnels, which the userspace "
-                               "data plane does not carry yet")
+    if verb == "prl":
+        dev, action, addr, default = grammar.parse_prl(words)
+        _need_root("tunnel prl")
+        _call("prl", name=dev, action=action, addr=str(addr), default=default)
+        return 0
+    if verb == "6rd":
+        dev, prefix, relay, reset = grammar.parse_6rd(words)
+        _need_root("tunnel 6rd")
+        _call("sixrd", name=dev, prefix=str(prefix) if prefix else None,
+              relay=str(relay) if relay else None)
+        return 0
     raise ConfigError(f'"{verb}": unknown command; try "tunl tunnel help"')
 
 

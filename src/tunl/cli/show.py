@@ -7,6 +7,9 @@ from ..model import TunnelMode, TunnelSpec
 def tunnel_line(spec: TunnelSpec) -> str:
     parts = [f"{spec.name}: {spec.mode.show_name}/ip",
              f"remote {spec.remote or 'any'}", f"local {spec.local or 'any'}"]
+    for addr, default in spec.prl:
+        # print_tunnel() prints each entry as " %s %s ", so a double space follows
+        parts.append(f"{'pdr' if default else 'pr'} {addr} ")
     if spec.dev:
         parts.append(f"dev {spec.dev}")
     parts.append(f"ttl {spec.ttl}" if spec.ttl else "ttl inherit")
@@ -19,6 +22,12 @@ def tunnel_line(spec: TunnelSpec) -> str:
         parts.append(tos)
     if not spec.pmtudisc:
         parts.append("nopmtudisc")
+    if spec.mode in (TunnelMode.SIT, TunnelMode.ISATAP):
+        prefix, relay = spec.sixrd
+        if prefix.prefixlen:
+            parts.append(f"6rd-prefix {prefix}")
+            if int(relay.network_address):
+                parts.append(f"6rd-relay_prefix {relay}")
     if spec.mode is TunnelMode.GRE:
         if spec.ikey is not None and spec.ikey == spec.okey:
             parts.append(f"key {spec.ikey}")
@@ -62,6 +71,11 @@ def to_json(status: dict) -> dict:
     for k in ("ikey", "okey", "iseq", "oseq", "icsum", "ocsum"):
         if s[k]:
             out[k] = s[k]
+    if s["mode"] == "isatap":
+        out["prl"] = [{"addr": a, "default": d} for a, d in s["prl"]]
+    if s["mode"] in ("sit", "isatap"):
+        out["6rd_prefix"] = s["ip6rd_prefix"] or "2002::/16"
+        out["6rd_relay_prefix"] = s["ip6rd_relay_prefix"] or "0.0.0.0/0"
     out.update(dataplane=status["dataplane"], mtu=status["mtu"], up=status["up"],
                stats=status["counters"])
     return out

@@ -17,6 +17,7 @@ import struct
 import sys
 import threading
 import time
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 from ..dataplane import tun
 from ..dataplane.engine import Engine
@@ -33,8 +34,15 @@ log = logging.getLogger("tunl.daemon")
 UNDERLAY_MTU = 1500   # ETH_DATA_LEN: the kernel's guess when a tunnel has no underlay device
 
 
+IFALIASZ = 256
+
+
 def spec_to_alias(spec: TunnelSpec) -> str:
-    return ALIAS_PREFIX + json.dumps(spec.to_compact(), separators=(",", ":"))
+    alias = ALIAS_PREFIX + json.dumps(spec.to_compact(), separators=(",", ":"))
+    if len(alias.encode()) >= IFALIASZ:
+        raise ConfigError(f"{spec.name}: its settings do not fit the {IFALIASZ - 1} bytes of "
+                          "the device alias where tunl keeps them (a shorter PRL will)")
+    return alias
 
 
 def spec_from_alias(alias: str | None) -> TunnelSpec | None:
@@ -204,9 +212,40 @@ class Tunld:
             raise ConfigError(f"mode {s.mode.value}: {s.name} is a {t.spec.mode.value} tunnel; "
                               "change cannot switch modes (delete and add it)")
         self._check_dataplane(s, dataplane)
-        self.kernel.set_link(s.name, alias=spec_to_alias(s))
-        self.engine.reconfigure(s)
-        return self._status(s.name)
+        return self._respec(t, s)
+
+    def _respec(self, t, new: TunnelSpec) -> dict:
+        self.kernel.set_link(new.name, alias=spec_to_alias(new))
+        self.engine.reconfigure(new)
+        return self._status(new.name)
+
+    def op_prl(self, name: str, action: str, addr: str, default: bool) -> dict:
+        """SIOCADDPRL / SIOCDELPRL on an isatap tunnel (ipip6_tunnel_add_prl(), _del_prl())."""
+        t = self._ours(name, "prl")
+        if t.spec.mode is not TunnelMode.ISATAP:
+            raise ConfigError(f"prl on {name}: {name} is a {t.spec.mode.value} tunnel; only "
+                              "isatap tunnels have a potential router list")
+        router = IPv4Address(addr)
+        rest = tuple(e for e in t.spec.prl if e[0] != router)
+        if action == "add":
+            if len(rest) != len(t.spec.prl):
+                raise ExistsError(f"prl {addr} on {name}: File exists (prl-delete it first)")
+            prl = t.spec.prl + ((router, default),)
+        else:
+            if len(rest) == len(t.spec.prl):
+                raise NotFoundError(f"prl-delete {addr} on {name}: no such router in the list")
+            prl = rest
+        return self._respec(t, t.spec.with_(prl=prl))
+
+    def op_sixrd(self, name: str, prefix: str | None, relay: str | None) -> dict:
+        """SIOCADD6RD / SIOCDEL6RD (ipip6_tunnel_update_6rd()); no prefix: 6rd-reset."""
+        t = self._ours(name, "6rd")
+        if t.spec.mode not in (TunnelMode.SIT, TunnelMode.ISATAP):
+            raise ConfigError(f"6rd on {name}: {name} is a {t.spec.mode.value} tunnel; 6rd is "
+                              "for sit tunnels")
+        new = t.spec.with_(ip6rd_prefix=IPv6Network(prefix) if prefix else None,
+                           ip6rd_relay_prefix=IPv4Network(relay) if relay else None)
+        return self._respec(t, new)
 
     def op_del(self, name: str) -> dict:
         self._ours(name, "delete")
