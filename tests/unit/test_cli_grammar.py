@@ -166,8 +166,8 @@ def test_prl_words(words, want):
     ("prl-bogus 1.2.3.4 dev i0", '"prl-bogus": invalid PRL parameter'),
     ("prl-default any dev i0", "a router of the PRL is a unicast IPv4 address"),
     ("6rd-prefix 2001:db8::/32", "6rd: must specify device"),
-    ("dev s1 6rd-prefix 2001:db8::1/32", 'an IPv6 prefix with no host bits'),
-    ("dev s1 6rd-relay_prefix 10.1.2.3/8", "with no host bits"),
+    ("dev s1 6rd-prefix 2001:db8::1/32", '"2001:db8::1/32": an IPv6 prefix with no host bits'),
+    ("dev s1 6rd-relay_prefix 10.1.2.3/8", '"10.1.2.3/8": an IPv4 prefix with no host bits'),
     ("dev s1", "say 6rd-prefix, 6rd-relay_prefix or 6rd-reset"),
 ])
 def test_bad_prl_and_6rd_words(words, message):

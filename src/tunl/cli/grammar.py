@@ -184,9 +184,12 @@ def spec_for_change(words: list[str], current: TunnelSpec) -> TunnelSpec:
     return current.with_(**f)
 
 
-def name_only(words: list[str], verb: str) -> str | None:
-    f = parse_words(words)
-    return f.get("name")
+def name_only(words: list[str], verb: str) -> str:
+    """The tunnel a change or del is about."""
+    name = parse_words(words).get("name")
+    if name is None:
+        raise ConfigError(f"{verb}: name the tunnel (tunl tunnel {verb} NAME ...)")
+    return name
 
 
 def parse_prl(words: list[str]) -> tuple[str, str, IPv4Address, bool]:
@@ -219,6 +222,14 @@ def parse_prl(words: list[str]) -> tuple[str, str, IPv4Address, bool]:
     return dev, action, addr, default
 
 
+def _prefix(word: str, text: str, cls, family: str, example: str):
+    try:
+        return cls(text)
+    except ValueError:
+        raise ConfigError(f'{word} "{text}": {family} prefix with no host bits, like '
+                          f'{example}') from None
+
+
 def parse_6rd(words: list[str]) -> tuple[str, IPv6Network | None, IPv4Network | None, bool]:
     """do_6rd(): (device, prefix, relay prefix, reset?). Like SIOCADD6RD, a word left out
     sets its prefix to zero."""
@@ -228,20 +239,10 @@ def parse_6rd(words: list[str]) -> tuple[str, IPv6Network | None, IPv4Network | 
     while i < len(words):
         w = words[i]
         if w == "6rd-prefix":
-            v = next_word(words, i)
-            try:
-                prefix = IPv6Network(v)
-            except ValueError:
-                raise ConfigError(f'6rd-prefix "{v}": a 6rd prefix is an IPv6 prefix with no '
-                                  'host bits, like 2001:db8::/32') from None
+            prefix = _prefix(w, next_word(words, i), IPv6Network, "an IPv6", "2001:db8::/32")
             i += 1
         elif w == "6rd-relay_prefix":
-            v = next_word(words, i)
-            try:
-                relay = IPv4Network(v)
-            except ValueError:
-                raise ConfigError(f'6rd-relay_prefix "{v}": a relay prefix is an IPv4 prefix '
-                                  'with no host bits, like 10.0.0.0/8') from None
+            relay = _prefix(w, next_word(words, i), IPv4Network, "an IPv4", "10.0.0.0/8")
             i += 1
         elif w == "6rd-reset":
             reset = True

@@ -42,19 +42,14 @@ def do_tunnel(argv: list[str], opts: dict) -> int:
         return 0
     if grammar.matches(verb, "change"):
         name = grammar.name_only(words, "change")
-        if name is None:
-            raise ConfigError("change: name the tunnel to change")
         _need_root("tunnel change")
         current = TunnelSpec.from_dict(_call("show", name=name)[0]["spec"])
         spec = grammar.spec_for_change(words, current)
         _call("change", spec=spec.to_dict(), dataplane=opts["dataplane"])
         return 0
     if grammar.matches(verb, "delete"):
-        name = grammar.name_only(words, "delete")
-        if name is None:
-            raise ConfigError("del: name the tunnel to delete")
         _need_root("tunnel del")
-        _call("del", name=name)
+        _call("del", name=grammar.name_only(words, "del"))
         return 0
     if grammar.matches(verb, "show") or grammar.matches(verb, "lst") or grammar.matches(verb, "list"):
         f = grammar.parse_words(words)

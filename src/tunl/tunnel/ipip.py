@@ -43,7 +43,6 @@ class IpipCodec:
 
 
 IpipEncap = IpipCodec
-CODEC = IpipCodec
 
 
 def outer_df(buf, off: int) -> bool:

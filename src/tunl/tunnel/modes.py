@@ -21,9 +21,12 @@ def module_for(mode: TunnelMode) -> ModuleType:
                            "userspace data plane does not carry")
 
 
+CODEC_CLASS = {"ipip": "IpipCodec", "gre": "GreCodec", "sit": "SitCodec", "isatap": "SitCodec"}
+
+
 def codec_for(spec):
-    mod = module_for(spec.mode)
-    return mod.CODEC(spec)
+    """A fresh codec for a tunnel (it may keep state, like GRE's sequence numbers)."""
+    return getattr(module_for(spec.mode), CODEC_CLASS[spec.mode.value])(spec)
 
 
 def module_for_proto(proto: int) -> ModuleType:
