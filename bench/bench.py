@@ -1,11 +1,13 @@
 """Benchmark tunl's userspace data plane against the bare underlay it runs over.
 
-Run as root:  .venv/bin/python bench/bench.py [--time 5] [--pings 200] [--mode ipip] [--json]
+Run as root:  .venv/bin/python bench/bench.py [--time 5] [--pings 200] [--mode ipip gre sit | all]
+                                             [--json]
 
 Two fresh network namespaces, tl-bench-<random>-a and -b, joined by a veth pair (the underlay),
-get the one-to-one tunnel of tests/integration/test_dataplane.py. iperf3 (one TCP stream, a -> b)
-and ping (a -> b) run first over the underlay addresses, then over the tunnel's inner addresses;
-meanwhile the CPU time of each namespace's tunld is read from /proc. A benchmark, not a test:
+get a one-to-one tunnel of each mode asked for (as in tests/integration/test_dataplane.py).
+iperf3 (one TCP stream, a -> b) and ping (a -> b) run first over the underlay addresses, then
+over each tunnel's inner addresses; meanwhile the CPU time of each namespace's tunld is read
+from /proc. A benchmark, not a test:
 it asserts nothing about time. It always removes what it made, also on Ctrl-C or failure, and
 ends only processes it started or that live in its own namespaces.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import ipaddress
 import json
 import os
 import platform
@@ -27,10 +30,13 @@ BIN = os.path.dirname(sys.executable)
 TUNL = os.path.join(BIN, "tunl")
 ENV = {**os.environ, "PATH": BIN + ":" + os.environ.get("PATH", "")}
 A_UL, B_UL = "172.16.232.172", "172.16.232.194"       # underlay, /16, on veth eth0
-A_IN, B_IN = "10.42.1.1", "10.42.2.1"                 # tunnel inner addresses, /24
-# The one place to add a mode: its device name and its words for `tunl tunnel add`.
-# (sit will also need IPv6 inner addresses.)
-MODES = {"ipip": ("tunl0", "mode ipip")}
+# The one place to add a mode: its device, its words for `tunl tunnel add`, and the inner
+# addresses of a and b (with prefix); b's address is what ping and iperf3 aim at.
+MODES = {
+    "ipip": ("tunl0", "mode ipip", "10.42.1.1/24", "10.42.2.1/24"),
+    "gre": ("gre1", "mode gre key 42", "10.43.1.1/24", "10.43.2.1/24"),
+    "sit": ("sit1", "mode sit", "2001:db8:1::1/64", "2001:db8:2::1/64"),
+}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -49,24 +55,26 @@ class Bench:
             raise RuntimeError(f"[{ns}] {cmd} -> exit {p.returncode}\n{p.stdout}{p.stderr}")
         return p.stdout
 
-    def setup(self, mode: str) -> None:
+    def setup(self, modes: list[str]) -> None:
         for ns in (self.a, self.b):
             self.made.append(ns)              # first: an interrupt must not leak it
             subprocess.run(["ip", "netns", "add", ns], check=True)
             log = f"/run/tunl/tunld.net-{os.stat(f'/run/netns/{ns}').st_ino}.log"
             if not os.path.exists(log):       # inodes are reused: never remove another's log
                 self.logs.append(log)
-            self.run(ns, "ip link set lo up")
-        self.run(self.a, "ip link add eth0 mtu 1500 type veth peer name eth0 mtu 1500 "
-                         f"netns {self.b}")
-        dev, words = MODES[mode]
-        for ns, me, peer, mine, theirs in ((self.a, A_UL, B_UL, A_IN, "10.42.2.0/24"),
-                                           (self.b, B_UL, A_UL, B_IN, "10.42.1.0/24")):
-            self.run(ns, f"ip addr add {me}/16 dev eth0 && ip link set eth0 up")
-            self.run(ns, f"{TUNL} tunnel add {dev} {words} remote {peer} local {me}")
-            self.run(ns, f"ip addr add {mine}/24 dev {dev} && ip link set {dev} up && "
-                         f"ip route add {theirs} dev {dev}")
-        for dst in (B_UL, B_IN):                  # ARP resolved, both paths carry traffic
+        subprocess.run(["ip", "link", "add", "eth0", "netns", self.a, "type", "veth", "peer",
+                        "name", "eth0", "netns", self.b], check=True)
+        for ns, me in ((self.a, A_UL), (self.b, B_UL)):
+            self.run(ns, f"ip link set lo up && ip addr add {me}/16 dev eth0 && ip link set eth0 up")
+        for mode in modes:
+            dev, words, a_in, b_in = MODES[mode]
+            for ns, me, peer, mine, theirs in ((self.a, A_UL, B_UL, a_in, b_in),
+                                               (self.b, B_UL, A_UL, b_in, a_in)):
+                net = ipaddress.ip_interface(theirs).network
+                self.run(ns, f"{TUNL} tunnel add {dev} {words} remote {peer} local {me}")
+                self.run(ns, f"ip addr add {mine} dev {dev} && ip link set {dev} up && "
+                             f"ip route add {net} dev {dev}")
+        for dst in [B_UL] + [target(m) for m in modes]:   # both paths carry traffic
             self.run(self.a, f"ping -n -c 3 -i 0.2 -W 2 {dst}")
 
     def tunld_pid(self, ns: str) -> int:
@@ -154,26 +162,38 @@ def machine() -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+def target(mode: str) -> str:
+    return str(ipaddress.ip_interface(MODES[mode][3]).ip)
+
+
 def measure(bench: Bench, args) -> list[dict]:
-    bare_ping = bench.ping(B_UL, args.pings)
-    bare_tcp = bench.iperf(B_UL, args.time)
-    tunl_ping = bench.ping(B_IN, args.pings)
+    """Rows of metric, unit, the bare figure, and per mode its figure and ratio to bare."""
+    ping = {"bare": bench.ping(B_UL, args.pings)}
+    tcp = {"bare": bench.iperf(B_UL, args.time)}
+    cpu: dict[str, dict] = {}
     pids = {ns: bench.tunld_pid(ns) for ns in (bench.a, bench.b)}
-    before = {ns: cpu_seconds(pid) for ns, pid in pids.items()}
-    tunl_tcp = bench.iperf(B_IN, args.time)
-    cpu = {ns: cpu_seconds(pid) - before[ns] for ns, pid in pids.items()}
-    rows = [("TCP throughput", "Mbit/s", bare_tcp["mbps"], tunl_tcp["mbps"]),
-            ("TCP retransmits", "", bare_tcp["retransmits"], tunl_tcp["retransmits"])]
-    rows += [(f"ping RTT {k}", "ms", bare_ping[k], tunl_ping[k])
-             for k in ("min", "avg", "max", "mdev")]
-    rows.append(("ping loss", "%", bare_ping["loss"], tunl_ping["loss"]))
+    for mode in args.mode:
+        ping[mode] = bench.ping(target(mode), args.pings)
+        before = {ns: cpu_seconds(pid) for ns, pid in pids.items()}
+        tcp[mode] = bench.iperf(target(mode), args.time)
+        cpu[mode] = {ns: cpu_seconds(pid) - before[ns] for ns, pid in pids.items()}
+    rows = [("TCP throughput", "Mbit/s", {k: v["mbps"] for k, v in tcp.items()}),
+            ("TCP retransmits", "", {k: v["retransmits"] for k, v in tcp.items()})]
+    rows += [(f"ping RTT {q}", "ms", {k: v[q] for k, v in ping.items()})
+             for q in ("min", "avg", "max", "mdev")]
+    rows.append(("ping loss", "%", {k: v["loss"] for k, v in ping.items()}))
     for ns, side in ((bench.a, "a"), (bench.b, "b")):
-        rows += [(f"tunld {side} CPU time in TCP", "s", None, cpu[ns]),
-                 (f"tunld {side} CPU load in TCP", "% core", None,
-                  100 * cpu[ns] / tunl_tcp["seconds"]),
-                 (f"tunld {side} RSS", "MiB", None, rss_mib(pids[ns]))]
-    return [{"metric": m, "unit": u, "bare": b, "tunl": t,
-             "ratio": t / b if b and t is not None else None} for m, u, b, t in rows]
+        rows += [(f"tunld {side} CPU load in TCP", "% core",
+                  {m: 100 * cpu[m][ns] / tcp[m]["seconds"] for m in args.mode}),
+                 (f"tunld {side} RSS", "MiB", {m: rss_mib(pids[ns]) for m in args.mode})]
+    out = []
+    for metric, unit, by in rows:
+        bare = by.get("bare")
+        out.append({"metric": metric, "unit": unit, "bare": bare,
+                    **{m: by[m] for m in args.mode},
+                    **{f"{m}/bare": by[m] / bare if bare and by[m] is not None else None
+                       for m in args.mode}})
+    return out
 
 
 def fmt(v) -> str:
@@ -183,12 +203,14 @@ def fmt(v) -> str:
 
 
 def table(rows: list[dict], mach: dict, args) -> str:
-    lines = [f"tunl bench, mode {args.mode}: iperf3 TCP 1 stream {args.time}s, "
+    cols = ["bare"] + [c for m in args.mode for c in (m, f"{m}/bare")]
+    lines = [f"tunl bench, modes {' '.join(args.mode)}: iperf3 TCP 1 stream {args.time}s, "
              f"ping x{args.pings} at 10 ms, a -> b",
-             f"{'metric':<28}{'unit':>8}{'bare':>12}{'tunl':>12}{'ratio':>8}"]
+             f"{'metric':<26}{'unit':>7}" + "".join(f"{c:>11}" for c in cols)]
     for r in rows:
-        lines.append(f"{r['metric']:<28}{r['unit']:>8}{fmt(r['bare']):>12}{fmt(r['tunl']):>12}"
-                     f"{'-' if r['ratio'] is None else format(r['ratio'], '.3g'):>8}")
+        cells = [format(r[c], ".3g") if "/" in c and r[c] is not None else fmt(r.get(c))
+                 for c in cols]
+        lines.append(f"{r['metric']:<26}{r['unit']:>7}" + "".join(f"{c:>11}" for c in cells))
     lines.append(f"machine: {mach['cpu']}, nproc {mach['nproc']}, kernel {mach['kernel']}, "
                  f"Python {mach['python']}, load {mach['loadavg']:.2f}, {mach['date']}")
     return "\n".join(lines)
@@ -198,9 +220,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--time", type=int, default=5, metavar="SECONDS", help="iperf3 -t (5)")
     ap.add_argument("--pings", type=int, default=200, metavar="N", help="ping -c (200)")
-    ap.add_argument("--mode", choices=sorted(MODES), default="ipip")
+    ap.add_argument("--mode", nargs="+", choices=sorted(MODES) + ["all"], default=["ipip"],
+                    help="one or more modes, or all (ipip)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args()
+    if "all" in args.mode:
+        args.mode = list(MODES)
+    args.mode = list(dict.fromkeys(args.mode))
     if args.time < 1 or args.pings < 1:
         ap.error("--time and --pings must be at least 1")
     if os.geteuid() != 0:
