@@ -67,6 +67,8 @@ class TunnelPlane:
         self.codec = modes.codec_for(spec)
         self.proto = self.codec.proto
         self.remote = spec.remote.packed if spec.remote else None
+        # sit decides with the next hop itself (isatap asks it even with a remote)
+        self.fixed_dst = self.remote is not None and not hasattr(self.codec, "outer_dst")
         self.local_any = (spec.local.packed if spec.local else ANY,
                           spec.remote.packed if spec.remote else ANY)
 
@@ -206,7 +208,7 @@ class Engine:
             if ver not in codec.versions or n < MIN_LEN[ver]:
                 t.count_tx_drop(Drop.NOT_IPV4 if 4 in codec.versions else Drop.NOT_IPV6)
                 continue
-            dst = t.remote or self._nbma_dst(t, buf, ver)
+            dst = t.remote if t.fixed_dst else self._nbma_dst(t, buf, ver)
             if dst is None or dst == ANY:
                 t.count_tx_drop(Drop.NO_ROUTE, "tx_carrier_errors")       # NoRoute
                 continue
@@ -256,17 +258,19 @@ class Engine:
                 return False        # no DF: the outer packet may be fragmented
             pkt = icmp.error_packet(bytes(inner[16:20]), inner,
                                     icmp.dest_unreach(icmp.FRAG_NEEDED, inner, mtu))
+            why = Drop.TOO_BIG
         else:
             mtu = max(mtu, IPV6_MIN_MTU)        # RFC 4213 §3.2.2
             if n <= mtu:
                 return False
             pkt = icmpv6.error_packet(bytes(inner[24:40]), inner,
                                       icmpv6.packet_too_big(inner, mtu))
+            why = Drop.PACKET_TOO_BIG
         try:
             os.write(t.fd, pkt)   # as if from the far side: the inner destination answers
         except OSError:
             pass
-        t.count_tx_drop(Drop.TOO_BIG)
+        t.count_tx_drop(why)
         return True
 
     # -- ingress ----------------------------------------------------------------------------
