@@ -9,7 +9,7 @@ class Drop(enum.Enum):
     BAD_LENGTH = "bad_total_length"  # total length smaller than the header or past the end
     NOT_IPV4 = "not_ipv4"            # an inner packet this mode cannot carry (ipip: not IPv4)
     NOT_IPV6 = "not_ipv6"            # sit carries IPv6 only
-    WRONG_PROTO = "wrong_protocol"   # outer protocol is not this mode's
+    WRONG_PROTO = "wrong_protocol"   # outer protocol is not this mode's, or a GRE type it does not carry
     ECN = "ecn"                      # RFC 6040: outer CE over a not-ECT inner packet
     NO_TUNNEL = "no_tunnel"          # no tunnel matches the outer addresses
     NO_ROUTE = "no_route"            # no outer destination for an NBMA tunnel
