@@ -5,6 +5,7 @@ import json
 import os
 import shlex
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -45,6 +46,23 @@ class Host:
 
     def tunld_pid(self) -> int:
         return json.loads(self.tunl("-j daemon status").stdout)["pid"]
+
+    def send_raw(self, proto: int, dst: str, payloads: list[bytes]) -> None:
+        """Send each payload from this host in an IPv4 packet of `proto` built by its kernel."""
+        blob = f"/tmp/{self.ns}-{uuid.uuid4().hex[:6]}.raw"
+        with open(blob, "wb") as f:
+            for p in payloads:
+                f.write(struct.pack("!H", len(p)) + p)
+        try:
+            self.run("python3 -c 'import socket,struct,time\n"
+                     f"s=socket.socket(socket.AF_INET,socket.SOCK_RAW,{proto})\n"
+                     f"d=open(\"{blob}\",\"rb\").read();i=0\n"
+                     "while i<len(d):\n"
+                     " n=struct.unpack_from(\"!H\",d,i)[0]\n"
+                     f" s.sendto(d[i+2:i+2+n],(\"{dst}\",0));i+=2+n\n"
+                     " time.sleep(0.0002)'", timeout=120)
+        finally:
+            os.unlink(blob)
 
     def ping(self, dst: str, count: int = 1, extra: str = "") -> subprocess.CompletedProcess:
         return self.run(f"ping -n -c {count} -i 0.2 -W 2 {extra} {dst}", check=False)

@@ -12,7 +12,6 @@ import os
 import random
 import re
 import signal
-import struct
 import time
 
 import pytest
@@ -183,17 +182,7 @@ def test_malformed_and_foreign_packets_are_dropped_and_counted(o2o):
             for _ in range(rng.randrange(1, 4)):
                 p[rng.randrange(len(p))] ^= 1 << rng.randrange(8)
             payloads.append(bytes(p))
-    blob = tmp = "/tmp/" + a.ns + "-fuzz"
-    with open(tmp, "wb") as f:
-        for p in payloads:
-            f.write(struct.pack("!H", len(p)) + p)
-    b.run("python3 -c 'import socket,struct,time\n"
-          "s=socket.socket(socket.AF_INET,socket.SOCK_RAW,4)\n"
-          f"d=open(\"{blob}\",\"rb\").read();i=0\n"
-          "while i<len(d):\n"
-          " n=struct.unpack_from(\"!H\",d,i)[0];s.sendto(d[i+2:i+2+n],(\"" + A_UL + "\",0));i+=2+n\n"
-          " time.sleep(0.0002)'", timeout=120)
-    os.unlink(tmp)
+    b.send_raw(4, A_UL, payloads)
     time.sleep(0.5)
     after = a.counters()
     assert a.tunld_pid() == pid
