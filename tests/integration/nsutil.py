@@ -64,6 +64,14 @@ class Host:
         finally:
             os.unlink(blob)
 
+    def forge_frag_needed(self, outer_src: str, outer_dst: str, mtu: int, proto: int = 4) -> None:
+        """Send outer_src an ICMP fragmentation needed (built by scapy) about a tunnel packet
+        outer_src -> outer_dst of `proto`, as a router on the underlay path would."""
+        from scapy.layers.inet import ICMP, IPerror
+        quoted = IPerror(src=outer_src, dst=outer_dst, proto=proto, len=1500, flags="DF")
+        self.send_raw(1, outer_src, [bytes(ICMP(type=3, code=4, nexthopmtu=mtu) / quoted /
+                                           bytes(8))])
+
     def ping(self, dst: str, count: int = 1, extra: str = "") -> subprocess.CompletedProcess:
         return self.run(f"ping -n -c {count} -i 0.2 -W 2 {extra} {dst}", check=False)
 

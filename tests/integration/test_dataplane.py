@@ -89,28 +89,9 @@ def test_tunnel_mtu_is_underlay_minus_20_and_too_big_gets_frag_needed(o2o):
     assert "message too long, mtu=1480" in again.stderr, again.stderr
 
 
-def _forge_frag_needed(host, outer_src: str, outer_dst: str, mtu: int) -> None:
-    """From `host`, send the tunnel's sender an ICMP fragmentation needed about an outer
-    packet outer_src -> outer_dst, as a router on the underlay path would."""
-    script = f"""
-import socket, struct
-def csum(b):
-    s = int.from_bytes(b + b'\\0' * (len(b) & 1), 'big') % 0xffff
-    return ~(s or (0xffff if any(b) else 0)) & 0xffff
-src, dst = socket.inet_aton('{outer_src}'), socket.inet_aton('{outer_dst}')
-quoted = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 1500, 1, 0x4000, 64, 4, 0, src, dst)
-quoted = quoted[:10] + csum(quoted).to_bytes(2, 'big') + quoted[12:] + bytes(8)
-icmp = struct.pack('!BBHHH', 3, 4, 0, 0, {mtu}) + quoted
-icmp = icmp[:2] + csum(icmp).to_bytes(2, 'big') + icmp[4:]
-s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-s.sendto(icmp, ('{outer_src}', 0))
-"""
-    host.run(f"python3 -c {__import__('shlex').quote(script)}")
-
-
 def test_path_mtu_learned_from_underlay_icmp_lowers_the_frag_needed_mtu(o2o):
     _, a, b, c = o2o
-    _forge_frag_needed(b, A_UL, B_UL, 1400)
+    b.forge_frag_needed(A_UL, B_UL, 1400)
     time.sleep(0.3)
     big = c.ping("10.42.2.1", extra="-M do -s 1400")
     assert "Frag needed and DF set (mtu = 1380)" in big.stdout, big.stdout

@@ -232,9 +232,29 @@ def test_demo_plain_routes(lab, tmp_path):
     r = lab_cli("demo", lab(topology(lab.name)), "--pcap", str(pcap_path))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "all 2 pings answered" in r.stdout
-    assert "captured 12 IPv4 packets on br0, 0 of them IP-in-IP" in r.stdout
+    assert "captured 12 IPv4 packets on br0, 0 of them tunnelled" in r.stdout
     assert "172.16.165.33 > 10.42.2.1 proto 1: ICMP echo request" in r.stdout
     assert pcap_path.stat().st_size > 24
+    assert namespaces(lab.name) == []
+
+
+@pytest.mark.skipif(shutil.which("ping") is None or shutil.which("tcpdump") is None,
+                    reason="needs ping and tcpdump")
+def test_demo_pings_a_list_of_ipv4_and_ipv6_targets(lab):
+    text = topology(lab.name, b_commands=["ip -6 addr add fd00:42:2::1/64 dev mybr0 nodad",
+                                          "ip -6 addr add fd00:16::2/64 dev eth0 nodad"],
+                    a_commands=["ip -6 addr add fd00:16::1/64 dev eth0 nodad",
+                                "ip -6 route add fd00:42:2::/64 via fd00:16::2"])
+    text = text.replace('ping_target = "10.42.2.1"',
+                        'ping_target = ["10.42.2.1", "fd00:42:2::1", "fd00:16::2"]')
+    r = lab_cli("demo", lab(text))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "all 4 pings answered" in r.stdout
+    rows = [line.split()[:4] for line in r.stdout.splitlines() if line.startswith("  A ")]
+    assert rows == [["A", "B", "10.42.2.1", "3/3"], ["A", "B", "fd00:42:2::1", "3/3"],
+                    ["A", "B", "fd00:16::2", "3/3"]]
+    # the IPv6 pings are not tunnelled and not IPv4: only the IPv4 pair's 12 are captured
+    assert "captured 12 IPv4 packets on br0, 0 of them tunnelled" in r.stdout
     assert namespaces(lab.name) == []
 
 
@@ -244,7 +264,7 @@ def test_demo_failed_ping_exits_non_zero(lab):
     text = topology(lab.name).replace('ping_target = "10.42.2.1"', 'ping_target = "10.42.2.9"')
     r = lab_cli("demo", lab(text))
     assert r.returncode == 1
-    assert "1 of 2 pings failed: A->B" in r.stdout
+    assert "1 of 2 pings failed: A->B (10.42.2.9)" in r.stdout
     assert namespaces(lab.name) == []
 
 
@@ -266,5 +286,5 @@ def test_demo_one_to_one_example(lab):
     assert "all 2 pings answered" in r.stdout
     assert ("172.16.232.172 > 172.16.232.194 proto 4 (ipip): 10.42.1.1 > 10.42.2.1"
             " ICMP echo request") in r.stdout
-    assert "12 of them IP-in-IP" in r.stdout
+    assert "12 of them tunnelled (ipip 12)" in r.stdout
     assert namespaces(lab.name) == []
