@@ -97,13 +97,14 @@ def test_decode_capture_shows_one_packet_per_flow(tmp_path):
     path = tmp_path / "c.pcap"
     path.write_bytes(capture(frames))
     lines = demo.decode_capture(str(path))
-    assert lines[0].startswith("captured 6 IPv4 packets on br0, 6 of them IP-in-IP")
+    assert lines[0].startswith("captured 6 IPv4 packets on br0, 6 of them tunnelled (ipip 6);")
     assert len(lines) == 3
     assert "echo request" in lines[1] and "echo reply" in lines[2]
     assert demo.decode_capture(str(path), show=1)[-1] == "  ..."
     empty = tmp_path / "e.pcap"
     empty.write_bytes(capture([]))
-    assert demo.decode_capture(str(empty)) == ["captured 0 IPv4 packets on br0, 0 of them IP-in-IP"]
+    assert demo.decode_capture(str(empty)) == [
+        "captured 0 IPv4 packets on br0, 0 of them tunnelled"]
     assert demo.decode_capture(str(tmp_path / "none.pcap"))[0].startswith("cannot read")
 
 

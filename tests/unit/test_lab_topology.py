@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import copy
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+import re
+from ipaddress import (IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Network,
+                       ip_address)
 from pathlib import Path
 
 import pytest
@@ -41,13 +43,25 @@ def test_parse_good():
     assert topo.underlay == t.Underlay(IPv4Network("172.16.0.0/16"), 1500)
     a, b = topo.hosts
     assert a.address == IPv4Interface("172.16.232.172/16")
-    assert a.ping_target == IPv4Address("10.42.1.1")
+    assert a.ping_targets == (IPv4Address("10.42.1.1"),)
     assert a.commands == ("ip link add name mybr0 type bridge",)
     assert a.containers == (t.Container("c1", IPv4Interface("10.42.1.2/24"),
                                         IPv4Address("10.42.1.1"), "mybr0"),)
     # defaults: no commands, ping the underlay address
     assert b.commands == () and b.containers == ()
-    assert b.ping_target == IPv4Address("172.16.232.194")
+    assert b.ping_targets == (IPv4Address("172.16.232.194"),)
+
+
+def test_ping_target_list_ipv4_and_ipv6():
+    data = copy.deepcopy(GOOD)
+    data["host"][1]["ping_target"] = ["10.50.1.2", "fd00:50:1::2", "2001:db8:5::5efe:172.16.1.2",
+                                      "fe80::1%gre1"]
+    b = t.parse(data).hosts[1]
+    assert b.ping_targets == (IPv4Address("10.50.1.2"), IPv6Address("fd00:50:1::2"),
+                              IPv6Address("2001:db8:5::5efe:ac10:102"),
+                              IPv6Address("fe80::1%gre1"))
+    data["host"][1]["ping_target"] = "fd00::2"          # one IPv6 address, not in a list
+    assert t.parse(data).hosts[1].ping_targets == (IPv6Address("fd00::2"),)
 
 
 def test_namespace_names():
@@ -81,7 +95,8 @@ def test_one_to_one_follows_the_walkthrough():
     assert topo.name == "one2one"
     a, b = topo.hosts
     assert (str(a.address), str(b.address)) == ("172.16.232.172/16", "172.16.232.194/16")
-    assert (str(a.ping_target), str(b.ping_target)) == ("10.42.1.1", "10.42.2.1")
+    assert (a.ping_targets, b.ping_targets) == ((IPv4Address("10.42.1.1"),),
+                                                (IPv4Address("10.42.2.1"),))
     assert a.commands == (
         "tunl tunnel add tunl0 mode ipip remote 172.16.232.194 local 172.16.232.172",
         "ip addr add 10.42.1.1/24 dev tunl0",
@@ -109,7 +124,7 @@ def test_one_to_many_follows_the_walkthrough():
         others = [(j, g) for j, g in enumerate(topo.hosts, start=1) if g is not h]
         assert h.commands[6:] == tuple(
             f"ip route add 10.42.{j}.0/24 via {g.address.ip} dev tunl0 onlink" for j, g in others)
-        assert str(h.ping_target) == f"10.42.{i}.1"
+        assert h.ping_targets == (IPv4Address(f"10.42.{i}.1"),)
     assert [c.name for c in topo.hosts[0].containers] == ["c1"]
     assert topo.hosts[1].containers == topo.hosts[2].containers == ()
     assert not any("modprobe" in c or "ip tunnel" in c for h in topo.hosts for c in h.commands)
@@ -153,7 +168,35 @@ def test_loads_and_load_errors(tmp_path):
     (lambda d: d["host"][1].pop("address"), 'host "B": address: missing'),
     (lambda d: d["host"][1].update(adress="x"), 'host "B": unknown key "adress"'),
     (lambda d: d["host"][1].update(ping_target="10.42.2.1/24"),
-     'host "B": ping_target "10.42.2.1/24" is not an IPv4 address'),
+     'host "B": ping_target "10.42.2.1/24" is not an IPv4 or IPv6 address'),
+    (lambda d: d["host"][1].update(ping_target="fd00::/64"),
+     'host "B": ping_target "fd00::/64" is not an IPv4 or IPv6 address'),
+    (lambda d: d["host"][1].update(ping_target=["10.42.2.1", "nope"]),
+     'host "B": ping_target[1] "nope" is not an IPv4 or IPv6 address'),
+    (lambda d: d["host"][1].update(ping_target=["10.42.2.1", 7]),
+     'host "B": ping_target[1] 7 is not an IPv4 or IPv6 address'),
+    (lambda d: d["host"][1].update(ping_target=[]),
+     'host "B": ping_target: the list is empty (leave ping_target out to ping the host\'s'
+     ' underlay address)'),
+    (lambda d: d["host"][1].update(ping_target=7),
+     'host "B": ping_target 7 is not an address or a list of addresses'),
+    (lambda d: d["host"][1].update(ping_target={"a": "10.1.1.1"}),
+     'host "B": ping_target dict is not an address or a list of addresses'),
+    (lambda d: d["host"][1].update(ping_target=["fd00::2", "fd00:0::2"]),
+     'host "B": ping_target[1] "fd00:0::2" is in the list twice'),
+    (lambda d: d["host"][1].update(ping_target="::"),
+     'host "B": ping_target "::" is the unspecified address: a ping target is one host'),
+    (lambda d: d["host"][1].update(ping_target="0.0.0.0"),
+     'host "B": ping_target "0.0.0.0" is the unspecified address'),
+    (lambda d: d["host"][1].update(ping_target=["ff02::1"]),
+     'host "B": ping_target[0] "ff02::1" is a multicast address: a ping target is one host'),
+    (lambda d: d["host"][1].update(ping_target="224.0.0.1"),
+     'host "B": ping_target "224.0.0.1" is a multicast address'),
+    (lambda d: d["host"][1].update(ping_target="255.255.255.255"),
+     'host "B": ping_target "255.255.255.255" is the broadcast address'),
+    (lambda d: d["host"][1].update(ping_target="fe80::5efe:172.16.1.1"),
+     'host "B": ping_target "fe80::5efe:172.16.1.1" is link-local: name its interface too,'
+     ' as in "fe80::5efe:172.16.1.1%eth0"'),
     (lambda d: d["host"][1].update(commands="ip link"), 'host "B": commands: is a list of strings'),
     (lambda d: d["host"][1].update(commands=["ip link", 3]),
      'host "B": commands: is a list of strings'),
@@ -195,3 +238,136 @@ def test_loads_and_load_errors(tmp_path):
 ])
 def test_errors_name_the_field(mutate, expected):
     assert expected in bad(mutate)
+
+
+# -- the examples --------------------------------------------------------------------------------
+
+EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
+_ADDR_ADD = re.compile(r"ip (?:-6 )?addr(?:ess)? add (\S+)/\d+ dev (\S+)")
+
+
+def _configured(host: t.Host) -> dict:
+    """{address: device} of the `ip addr add` commands of a host."""
+    return {ip_address(m.group(1)): m.group(2)
+            for c in host.commands if (m := _ADDR_ADD.search(c))}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_targets_are_the_hosts_own(path):
+    """Each ping target is an address its host puts on a device (or its underlay address), and
+    tunnels are made with `tunl tunnel`, never `ip tunnel` or a module."""
+    topo = t.load(path)
+    for h in topo.hosts:
+        own = _configured(h)
+        for target in h.ping_targets:
+            assert target == h.address.ip or target in own, (h.name, target)
+        assert not any("modprobe" in c or c.startswith("ip tunnel") for c in h.commands)
+
+
+def test_example_lab_names_are_unique():
+    names = [t.load(p).name for p in EXAMPLES]
+    assert len(set(names)) == len(names)
+
+
+def test_gre_keys_example():
+    topo = t.load(ROOT / "examples" / "gre-keys.toml")
+    a, b = topo.hosts
+    assert (str(a.address), str(b.address)) == ("172.16.232.172/16", "172.16.232.194/16")
+    assert a.commands == (
+        "tunl tunnel add gre1 mode gre remote 172.16.232.194 local 172.16.232.172 key 1 ttl 64",
+        "ip addr add 10.50.1.1/30 dev gre1",
+        "ip -6 addr add fd00:50:1::1/64 dev gre1",
+        "ip link set gre1 up",
+        "tunl tunnel add gre2 mode gre remote 172.16.232.194 local 172.16.232.172 key 2 seq csum",
+        "ip addr add 10.50.2.1/30 dev gre2",
+        "ip link set gre2 up",
+    )
+    # B: the mirror image
+    mirror = tuple(c.replace("172.16.232.194", "@").replace("172.16.232.172", "172.16.232.194")
+                   .replace("@", "172.16.232.172").replace(".1/30", ".2/30")
+                   .replace("::1/64", "::2/64") for c in a.commands)
+    assert b.commands == mirror
+    assert [str(x) for x in b.ping_targets] == ["10.50.1.2", "10.50.2.2", "fd00:50:1::2"]
+    assert [str(x) for x in a.ping_targets] == ["10.50.1.1", "10.50.2.1", "fd00:50:1::1"]
+
+
+def test_sit_example():
+    topo = t.load(ROOT / "examples" / "sit.toml")
+    ul = {h.name: h.address.ip for h in topo.hosts}
+    assert {k: str(v) for k, v in ul.items()} == {
+        "A": "172.16.165.33", "B": "172.16.165.244", "C": "172.16.168.113"}
+    a, b, c = topo.hosts
+    assert "tunl tunnel add sit1 mode sit remote 172.16.165.244 local 172.16.165.33 ttl 64" \
+        in a.commands
+    assert "tunl tunnel add sit1 mode sit remote 172.16.165.33 local 172.16.165.244 ttl 64" \
+        in b.commands
+    for h in (a, c):
+        assert f"tunl tunnel add sit2 mode sit local {h.address.ip} ttl 64" in h.commands
+        assert _configured(h)[IPv6Address(f"2001:db8:{2 if h is a else 3}::1")] == "sit2"
+    # NBMA routes: the next hop is IPv4-compatible, its last 32 bits another host's address
+    route = re.compile(r"ip -6 route add (\S+) via (\S+) dev sit2 onlink\Z")
+    hops = [(h.name, route.match(cmd)) for h in (a, c) for cmd in h.commands]
+    hops = [(n, m) for n, m in hops if m]
+    assert {n for n, _ in hops} == {"A", "C"}
+    for name, m in hops:
+        gw = IPv6Address(m.group(2))
+        assert gw.packed[:12] == bytes(12)
+        assert IPv4Address(gw.packed[12:]) in {v for k, v in ul.items() if k != name}
+    assert "ip -6 route add 2001:db8:3::/64 via ::172.16.168.113 dev sit2 onlink" in a.commands
+    assert "ip -6 route add 2001:db8:2::/64 via ::172.16.165.33 dev sit2 onlink" in c.commands
+
+
+def test_isatap_example():
+    topo = t.load(ROOT / "examples" / "isatap.toml")
+    r, *hosts = topo.hosts
+    assert (r.name, str(r.address)) == ("R", "172.16.1.1/16")
+    assert hosts[0].name == "H" and str(hosts[0].address) == "172.16.1.2/16"
+
+    def isatap(prefix: str, v4) -> IPv6Address:
+        # RFC 5214 §6.1: a private IPv4 address gives the identifier 0000:5efe:a.b.c.d
+        return IPv6Address(IPv6Network(prefix).network_address.packed[:8]
+                           + bytes((0, 0, 0x5E, 0xFE)) + IPv4Address(v4).packed)
+
+    for h in (r, *hosts):
+        assert f"tunl tunnel add isatap0 mode isatap local {h.address.ip}" in h.commands
+        assert _configured(h)[isatap("2001:db8:5::/64", h.address.ip)] == "isatap0"
+        assert isatap("2001:db8:5::/64", h.address.ip) in h.ping_targets
+    for h in hosts:
+        assert h.commands[:4] == (
+            f"tunl tunnel add isatap0 mode isatap local {h.address.ip}",
+            f"tunl tunnel prl prl-default {r.address.ip} dev isatap0",
+            "ip link set isatap0 up",
+            f"ip -6 addr add 2001:db8:5::5efe:{h.address.ip}/64 dev isatap0",
+        )
+        # the default route: via the router's link-local ISATAP address
+        (m,) = [m for c in h.commands
+                if (m := re.match(r"ip -6 route add default via (\S+) dev isatap0\Z", c))]
+        assert IPv6Address(m.group(1)) == isatap("fe80::/64", r.address.ip)
+    assert "sysctl -w net.ipv6.conf.all.forwarding=1" in r.commands
+    assert _configured(r)[IPv6Address("2001:db8:99::1")] == "mybr0"
+    assert r.ping_targets == (isatap("2001:db8:5::/64", "172.16.1.1"),
+                              IPv6Address("2001:db8:99::1"))
+
+
+def test_6rd_example():
+    """Each CE's address is in its delegated prefix, worked out as RFC 5969 §4 says."""
+    topo = t.load(ROOT / "examples" / "6rd.toml")
+    sixrd = re.compile(r"tunl tunnel 6rd dev sit6rd 6rd-prefix (\S+) 6rd-relay_prefix (\S+)\Z")
+    delegated = {}
+    for h in topo.hosts:
+        (m,) = [m for c in h.commands if (m := sixrd.match(c))]
+        prefix, relay = IPv6Network(m.group(1)), IPv4Network(m.group(2))
+        assert (str(prefix), str(relay)) == ("2001:db8::/32", "172.16.0.0/16")
+        assert h.address.ip in relay
+        # the 6rd prefix, then the IPv4 address without the relay prefix's bits
+        o = 32 - relay.prefixlen
+        v4_bits = int(h.address.ip) & ((1 << o) - 1)
+        plen = prefix.prefixlen + o
+        net = IPv6Network((int(prefix.network_address) | (v4_bits << (128 - plen)), plen))
+        delegated[h.name] = net
+        (addr,) = [a for a, dev in _configured(h).items() if dev == "sit6rd"]
+        assert addr in net and h.ping_targets == (addr,)
+        assert f"ip -6 addr add {addr}/32 dev sit6rd" in h.commands
+        assert f"tunl tunnel add sit6rd mode sit local {h.address.ip} ttl 64" in h.commands
+    assert {k: str(v) for k, v in delegated.items()} == {
+        "A": "2001:db8:a521::/48", "B": "2001:db8:a5f4::/48"}

@@ -12,7 +12,8 @@ from typing import Callable
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import RTMGRP_IPV4_ROUTE, RTMGRP_LINK
+from pyroute2.netlink.rtnl import (RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE,
+                                   RTMGRP_LINK)
 
 from ..errors import LinkError, NotFoundError
 from ..model import Route
@@ -124,8 +125,8 @@ def no_link_local(name: str) -> None:
 
 
 class RouteWatcher:
-    """Calls `changed(kernel)` after every batch of IPv4 route or link events, from its own
-    thread, with a Kernel that belongs to that thread (pyroute2 sockets are per thread)."""
+    """Calls `changed(kernel)` after every batch of route, IPv6 address or link events, from
+    its own thread, with a Kernel that belongs to that thread (pyroute2 sockets are per thread)."""
 
     def __init__(self, changed: Callable[["Kernel"], None]):
         self._changed = changed
@@ -139,7 +140,7 @@ class RouteWatcher:
 
     def _run(self) -> None:
         ipr = IPRoute()
-        ipr.bind(groups=RTMGRP_IPV4_ROUTE | RTMGRP_LINK)
+        ipr.bind(groups=RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_LINK)
         kernel = Kernel()
         self._ready.set()
         fd = ipr.fileno()

@@ -4,6 +4,7 @@
     netns     namespaces, `ip` and processes, with subprocess (no pyroute2: that is kernel/'s)
     control   up, down, finding a node's namespace
     pcap      a minimal classic pcap reader
-    demo      ping every pair of hosts, decode the underlay capture with tunl.wire
+    dissect   one line per captured underlay packet (ipip, gre, sit), decoded with tunl.wire
+    demo      ping every target of every other host, decode the underlay capture
     cli       `tunl lab ...`: main(argv) -> exit code
 """

@@ -4,7 +4,8 @@
     tunl lab down FILE            end the lab's processes, delete its namespaces (idempotent)
     tunl lab exec [--lab NAME] NODE -- CMD...
                                   run CMD in NODE's namespace (a host, HOST-CONTAINER, or ul)
-    tunl lab demo FILE            up, ping every pair of hosts, show the captured packets, down
+    tunl lab demo FILE            up, ping every target of every other host, show the captured
+                                  packets (ipip, gre, sit), down
     tunl lab list                 the labs that are up and their nodes
 
 The tunl CLI hands its arguments after `lab` to main(); main returns the exit code.
@@ -42,11 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("node", metavar="NODE", help="a host, HOST-CONTAINER, or ul (the underlay)")
     s.add_argument("cmd", metavar="CMD", nargs=argparse.REMAINDER, help="command and arguments")
 
-    s = sub.add_parser("demo", help="up, ping all pairs, show captured packets and counters, down")
+    s = sub.add_parser("demo", help="up, ping every host's targets, show captured packets and"
+                                    " counters, down")
     s.add_argument("file", metavar="FILE", help="topology file (TOML)")
     s.add_argument("--pcap", metavar="PATH", help="keep the underlay capture in PATH")
     s.add_argument("--show", metavar="N", type=int, default=demo.SHOW,
-                   help=f"captured packets to decode (default {demo.SHOW})")
+                   help="captured packets to decode (default: the first of each direction of"
+                        " each ping)")
     s.add_argument("-v", "--verbose", action="store_true", help="show each step and its output")
 
     sub.add_parser("list", help="the labs that are up, with their nodes")

@@ -1,10 +1,13 @@
-"""`tunl lab demo`: up, ping every ordered pair of hosts, show what crossed the underlay, down.
+"""`tunl lab demo`: up, ping every target of every other host, show what crossed the underlay,
+down.
 
-While the hosts ping, tcpdump captures on the underlay bridge br0; afterwards the first few
-captured packets are decoded with tunl's own codecs (tunl.wire), outer header and inner, so
-the demo shows the encapsulation as it is on the wire:
+While the hosts ping, tcpdump captures on the underlay bridge br0; afterwards the first packet
+of each direction of each ping is decoded with tunl's own codecs (tunl.wire, see dissect), outer
+header and inner, so the demo shows the encapsulation as it is on the wire:
 
     172.16.232.172 > 172.16.232.194 proto 4 (ipip): 10.42.1.1 > 10.42.2.1 ICMP echo request, ...
+    172.16.232.172 > 172.16.232.194 proto 47 (gre, key 1): fd00:50:1::1 > fd00:50:1::2 ICMPv6 ...
+    172.16.165.33 > 172.16.165.244 proto 41 (sit): 2001:db8:1::1 > 2001:db8:1::2 ICMPv6 ...
 """
 from __future__ import annotations
 
@@ -18,27 +21,33 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
-from ..wire.icmp import (DEST_UNREACH, ECHO_REPLY, ECHO_REQUEST, TIME_EXCEEDED,
-                         IcmpMessage)
-from ..wire.ipv4 import OFFSET_MASK, MF, PROTO_GRE, PROTO_ICMP, PROTO_IPIP, PROTO_IPV6, \
-    IPv4Header
 from . import control, netns, pcap
+from .dissect import TUNNEL_PROTOS, dissect, show_address
 from .netns import LabError
-from .topology import BRIDGE, Topology
+from .topology import BRIDGE, Host, Topology
 
 PING_COUNT = 3
 PING_INTERVAL = "0.2"
 PING_WAIT = "2"               # seconds to wait for each reply (ping -W)
 CAPTURE_START = 5.0           # seconds for tcpdump to say it is listening
 CAPTURE_DRAIN = 1.0           # seconds for the last packets to reach tcpdump
-SHOW = 12                     # captured packets printed (one per flow and direction)
-# unicast IPv4 only: IGMP reports and the like would use up tcpdump's count (-c)
-CAPTURE_FILTER = ("ip", "and", "not", "ip", "multicast", "and", "not", "ip", "broadcast")
+SHOW = None                   # captured packets printed: None for one per flow and direction
 
-_PROTO_NAMES = {PROTO_IPIP: "ipip", PROTO_GRE: "gre", PROTO_IPV6: "ipv6 (sit)",
-                PROTO_ICMP: "icmp", 2: "igmp", 6: "tcp", 17: "udp"}
-_ICMP_NAMES = {ECHO_REQUEST: "echo request", ECHO_REPLY: "echo reply",
-               DEST_UNREACH: "destination unreachable", TIME_EXCEEDED: "time exceeded"}
+_IHL = "(ip[0] & 0xf) * 4"                                    # the outer header's length
+# the GRE header's length: 4, and 4 more for each of the C, K and S bits (RFC 2890 §2)
+_GRE_HLEN = (f"4 + ((ip[{_IHL}] & 0x80) >> 5) + ((ip[{_IHL}] & 0x20) >> 3)"
+             f" + ((ip[{_IHL}] & 0x10) >> 2)")
+# Unicast IPv4 only, and of the tunnelled packets only those whose inner destination is
+# unicast too: IGMP reports, and the MLD reports and router solicitations that the kernel
+# sends on every IPv6 interface (a point-to-point tunnel carries them to its remote), would use
+# up tcpdump's count (-c) and hide the pings.
+CAPTURE_FILTER = (
+    "ip and not ip multicast and not ip broadcast"
+    f" and not (ip[9] = 4 and ip[{_IHL} + 16] >= 224)"
+    f" and not (ip[9] = 41 and ip[{_IHL} + 24] = 0xff)"
+    f" and not (ip[9] = 47 and ip[{_IHL} + 2:2] = 0x0800 and ip[{_IHL} + {_GRE_HLEN} + 16] >= 224)"
+    f" and not (ip[9] = 47 and ip[{_IHL} + 2:2] = 0x86dd and ip[{_IHL} + {_GRE_HLEN} + 24] = 0xff)"
+)
 
 
 # -- ping ------------------------------------------------------------------------------------
@@ -75,7 +84,14 @@ def parse_ping(text: str, returncode: int, stderr: str = "") -> PingResult:
     return PingResult(returncode, sent, received, rtt, err)
 
 
+def plan(topo: Topology) -> list[tuple[Host, Host, str]]:
+    """(from, to, target): every ping target of every other host, in the file's order."""
+    return [(a, b, show_address(t)) for a in topo.hosts for b in topo.hosts if a is not b
+            for t in b.ping_targets]
+
+
 def ping(ns: str, target: str) -> PingResult:
+    """iputils ping takes an IPv4 or an IPv6 address (with %zone for a link-local) alike."""
     r = netns.run(netns.exec_argv(ns, ["ping", "-n", "-c", str(PING_COUNT), "-i", PING_INTERVAL,
                                        "-W", PING_WAIT, target]), timeout=30)
     return parse_ping(r.stdout, r.returncode, r.stderr)
@@ -97,76 +113,51 @@ def ping_table(rows: list[tuple[str, str, str, PingResult]]) -> list[str]:
 
 # -- decoding --------------------------------------------------------------------------------
 
-def _l4(proto: int, data) -> str:
-    if proto == PROTO_ICMP:
-        try:
-            m = IcmpMessage.parse(data)
-        except ValueError as e:
-            return f"ICMP ({e})"
-        name = _ICMP_NAMES.get(m.type, f"type {m.type} code {m.code}")
-        if m.type in (ECHO_REQUEST, ECHO_REPLY):
-            return f"ICMP {name}, id {m.ident}, seq {m.seq}"
-        return f"ICMP {name}"
-    return f"proto {proto} ({_PROTO_NAMES.get(proto, '?')}), {len(data)} bytes"
-
-
 def describe(packet) -> str:
-    """One line for an IPv4 packet: outer header, and for IP-in-IP the inner packet too."""
-    try:
-        outer = IPv4Header.parse(packet)
-    except ValueError as e:
-        return f"({e})"
-    payload = memoryview(packet)[outer.ihl * 4:outer.total_len]
-    head = f"{outer.src} > {outer.dst} proto {outer.proto}"
-    if outer.flags_frag & (MF | OFFSET_MASK):
-        return f"{head} fragment, offset {(outer.flags_frag & OFFSET_MASK) * 8}"
-    if outer.proto != PROTO_IPIP:
-        if outer.proto == PROTO_ICMP:
-            return f"{head}: {_l4(outer.proto, payload)}"
-        return f"{head} ({_PROTO_NAMES.get(outer.proto, '?')}), {len(payload)} bytes"
-    try:
-        inner = IPv4Header.parse(payload)
-    except ValueError as e:
-        return f"{head} (ipip): inner ({e})"
-    inner_payload = payload[inner.ihl * 4:inner.total_len]
-    return f"{head} (ipip): {inner.src} > {inner.dst} {_l4(inner.proto, inner_payload)}"
+    """One line for an IPv4 packet: outer header, and for a tunnelled one the inner packet too."""
+    return dissect(packet).line
 
 
-def flow_key(packet) -> bytes:
-    """What tells one direction of one ping from another: outer and inner addresses, ICMP type."""
-    p = bytes(packet)
-    key = p[9:10] + p[12:20]
-    hl = (p[0] & 0x0F) * 4
-    if p[9] == PROTO_IPIP and len(p) >= hl + 20:
-        key += p[hl + 9:hl + 10] + p[hl + 12:hl + 20]
-        hl += (p[hl] & 0x0F) * 4
-    return key + p[hl:hl + 1]        # ICMP type, or the first byte of whatever is there
+def flow_key(packet) -> tuple:
+    """What tells one direction of one ping from another: outer and inner addresses, the GRE
+    key, the ICMP or ICMPv6 type."""
+    return dissect(packet).flow
 
 
-def decode_capture(path: str, show: int = SHOW) -> list[str]:
-    """Lines describing a capture: the first packet of each flow, up to `show` of them."""
+def tunnelled_summary(counts: dict[str, int]) -> str:
+    """"36 of them tunnelled (gre 24, sit 12)": the protocols in the order ipip, gre, sit."""
+    total = sum(counts.values())
+    parts = [f"{name} {counts[name]}" for name in TUNNEL_PROTOS.values() if counts.get(name)]
+    return f"{total} of them tunnelled" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def decode_capture(path: str, show: int | None = SHOW) -> list[str]:
+    """Lines describing a capture: the first packet of each flow, up to `show` of them (None:
+    all of them)."""
     try:
         linktype, records = pcap.read(path)
     except (OSError, ValueError) as e:
         return [f"cannot read the capture: {e}"]
-    packets = [(r.ts, p) for r in records
+    packets = [(r.ts, dissect(p)) for r in records
                if (p := pcap.ip_packet(linktype, r.data)) is not None and len(p) >= 20]
-    tunnelled = sum(1 for _, p in packets if p[9] == PROTO_IPIP)
-    lines = [f"captured {len(packets)} IPv4 packets on {BRIDGE}, {tunnelled} of them IP-in-IP"]
+    counts: dict[str, int] = {}
+    for _, d in packets:
+        if d.tunnel:
+            counts[d.tunnel] = counts.get(d.tunnel, 0) + 1
+    lines = [f"captured {len(packets)} IPv4 packets on {BRIDGE}, {tunnelled_summary(counts)}"]
     if not packets:
         return lines
     lines[0] += "; the first of each direction of each ping, decoded with tunl.wire:"
     t0 = packets[0][0]
-    seen: set[bytes] = set()
-    for ts, p in packets:
-        key = flow_key(p)
-        if key in seen:
+    seen: set[tuple] = set()
+    for ts, d in packets:
+        if d.flow in seen:
             continue
-        if len(seen) == show:
+        if show is not None and len(seen) == show:
             lines.append("  ...")
             break
-        seen.add(key)
-        lines.append(f"  {ts - t0:8.4f}  {describe(p)}")
+        seen.add(d.flow)
+        lines.append(f"  {ts - t0:8.4f}  {d.line}")
     return lines
 
 
@@ -178,7 +169,7 @@ class Capture:
     def __init__(self, ns: str, path: str, count: int):
         self.path = path
         argv = netns.exec_argv(ns, ["tcpdump", "-i", BRIDGE, "-w", path, "-c", str(count),
-                                    "-n", "-U", "-Z", "root", *CAPTURE_FILTER])
+                                    "-n", "-U", "-Z", "root", CAPTURE_FILTER])
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -222,7 +213,7 @@ class Capture:
 
 # -- the demo --------------------------------------------------------------------------------
 
-def run(topo: Topology, out: TextIO, *, pcap_path: str | None = None, show: int = SHOW,
+def run(topo: Topology, out: TextIO, *, pcap_path: str | None = None, show: int | None = SHOW,
         log: control.Log = control._quiet) -> int:
     """The demo; returns 0 if every ping had replies, else 1. Always tears the lab down."""
     if shutil.which("ping") is None:
@@ -238,15 +229,15 @@ def run(topo: Topology, out: TextIO, *, pcap_path: str | None = None, show: int 
     try:
         print(f"lab {topo.name}: up ({len(topo.hosts)} hosts)", file=out, flush=True)
         control.up(topo, log=log)
-        pairs = [(a, b) for a in topo.hosts for b in topo.hosts if a is not b]
+        pings = plan(topo)
         # every ping: a request and a reply, each crossing br0 once
-        capture = Capture(topo.ns_underlay, pcap_path, 2 * PING_COUNT * len(pairs))
-        print(f"\nping -c {PING_COUNT} -i {PING_INTERVAL}, every ordered pair of hosts"
+        capture = Capture(topo.ns_underlay, pcap_path, 2 * PING_COUNT * len(pings))
+        print(f"\nping -c {PING_COUNT} -i {PING_INTERVAL}, every target of every other host"
               f" (capturing on {BRIDGE} of {topo.ns_underlay}):", file=out, flush=True)
         rows = []
-        for a, b in pairs:
-            r = ping(topo.ns_host(a), str(b.ping_target))
-            rows.append((a.name, b.name, str(b.ping_target), r))
+        for a, b, target in pings:
+            r = ping(topo.ns_host(a), target)
+            rows.append((a.name, b.name, target, r))
         for line in ping_table(rows):
             print("  " + line, file=out)
         capture.stop(CAPTURE_DRAIN)
@@ -269,7 +260,7 @@ def run(topo: Topology, out: TextIO, *, pcap_path: str | None = None, show: int 
         print(file=out)
         if failed:
             print(f"{len(failed)} of {len(rows)} pings failed: "
-                  + ", ".join(f"{s}->{d}" for s, d, _, _ in failed), file=out)
+                  + ", ".join(f"{s}->{d} ({t})" for s, d, t, _ in failed), file=out)
         else:
             print(f"all {len(rows)} pings answered", file=out)
         return 1 if failed else 0

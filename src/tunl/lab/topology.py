@@ -14,7 +14,10 @@ A file looks like this (see examples/):
     [[host]]
     name = "A"
     address = "172.16.232.172/16"
-    ping_target = "10.42.1.1"       # optional: what `lab demo` pings on this host
+    ping_target = "10.42.1.1"       # optional: what `lab demo` pings on this host: one
+                                    # address or a list, IPv4 or IPv6 ("fd00::1", or
+                                    # "fe80::1%gre1" with the zone a link-local needs);
+                                    # the host's underlay address if left out
     commands = ["ip link add name mybr0 type bridge", ...]
     [[host.container]]              # optional
     name = "c1"
@@ -31,7 +34,7 @@ from __future__ import annotations
 import re
 import tomllib
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, ip_address
 
 from ..errors import ConfigError
 from ..model import check_ifname
@@ -93,11 +96,14 @@ class Container:
         return PORT_PREFIX + self.name
 
 
+PingTarget = IPv4Address | IPv6Address
+
+
 @dataclass(frozen=True)
 class Host:
     name: str
     address: IPv4Interface
-    ping_target: IPv4Address
+    ping_targets: tuple[PingTarget, ...]     # at least one; `ping_target` in the file
     commands: tuple[str, ...] = ()
     containers: tuple[Container, ...] = ()
 
@@ -234,7 +240,7 @@ def _parse_host(raw: dict, index: int, underlay: Underlay) -> Host:
         raise ConfigError(f'{where}address "{address}" is not in the underlay cidr'
                           f' {underlay.cidr}')
     _usable(address, where + "address")
-    target = _address(raw.get("ping_target", str(address.ip)), where + "ping_target")
+    targets = _ping_targets(raw.get("ping_target", str(address.ip)), where + "ping_target")
     commands = raw.get("commands", [])
     if not isinstance(commands, list) or not all(isinstance(c, str) for c in commands):
         raise ConfigError(f"{where}commands: is a list of strings")
@@ -251,7 +257,7 @@ def _parse_host(raw: dict, index: int, underlay: Underlay) -> Host:
         if c.name in seen:
             raise ConfigError(f'{where}container "{c.name}": the name is used twice')
         seen.add(c.name)
-    return Host(name, address, target, tuple(commands), containers)
+    return Host(name, address, targets, tuple(commands), containers)
 
 
 def _parse_container(raw: dict, index: int, where: str) -> Container:
@@ -326,6 +332,46 @@ def _address(text, where: str) -> IPv4Address:
         return IPv4Address(text)
     except ValueError:
         raise ConfigError(f"{where} {_show(text)} is not an IPv4 address") from None
+
+
+def _ping_targets(value, where: str) -> tuple[PingTarget, ...]:
+    """`ping_target`: one address or a list of them, IPv4 or IPv6, each one host."""
+    if isinstance(value, str):
+        return (_ping_target(value, where),)
+    if not isinstance(value, list):
+        raise ConfigError(f"{where} {_show(value)} is not an address or a list of addresses")
+    if not value:
+        raise ConfigError(f"{where}: the list is empty (leave ping_target out to ping the"
+                          " host's underlay address)")
+    out: list[PingTarget] = []
+    for i, text in enumerate(value):
+        target = _ping_target(text, f"{where}[{i}]")
+        if target in out:
+            raise ConfigError(f'{where}[{i}] "{text}" is in the list twice')
+        out.append(target)
+    return tuple(out)
+
+
+def _ping_target(text, where: str) -> PingTarget:
+    try:
+        if not isinstance(text, str):
+            raise ValueError
+        addr = ip_address(text)
+    except ValueError:
+        raise ConfigError(f"{where} {_show(text)} is not an IPv4 or IPv6 address") from None
+    if addr.is_unspecified:
+        raise ConfigError(f'{where} "{text}" is the unspecified address: a ping target is'
+                          " one host")
+    if addr.is_multicast:
+        raise ConfigError(f'{where} "{text}" is a multicast address: a ping target is one'
+                          " host")
+    if isinstance(addr, IPv4Address) and addr == IPv4Address("255.255.255.255"):
+        raise ConfigError(f'{where} "{text}" is the broadcast address: a ping target is one'
+                          " host")
+    if isinstance(addr, IPv6Address) and addr.is_link_local and not addr.scope_id:
+        raise ConfigError(f'{where} "{text}" is link-local: name its interface too, as in'
+                          f' "{text}%eth0"')
+    return addr
 
 
 def _usable(iface: IPv4Interface, where: str) -> None:
