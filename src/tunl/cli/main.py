@@ -1,6 +1,6 @@
 """tunl [ OPTIONS ] OBJECT { COMMAND | help }
 
-OBJECT := { tunnel | lab | daemon }
+OBJECT := { tunnel | lab | daemon | doctor }
 OPTIONS := { -s[tatistics] | -j[son] | --dataplane { auto | userspace | kernel } }
 """
 from __future__ import annotations
@@ -107,7 +107,8 @@ def usage() -> str:
     return ("Usage: " + __doc__.strip() + "\n\n"
             "  tunl tunnel { add | change | del | show } [ NAME ] ...   like `ip tunnel`\n"
             "  tunl lab { up FILE | down FILE | exec NODE -- CMD | demo FILE }\n"
-            "  tunl daemon { status | stop }\n")
+            "  tunl daemon { status | stop }\n"
+            "  tunl doctor        which data plane this host gets, and what breaks tunnels here\n")
 
 
 def run(argv: list[str]) -> int:
@@ -158,6 +159,9 @@ def run(argv: list[str]) -> int:
         return lab_main(args)
     if grammar.matches(obj, "daemon"):
         return do_daemon(args, opts)
+    if grammar.matches(obj, "doctor"):
+        from .doctor import main as doctor_main
+        return doctor_main(args, opts)
     if grammar.matches(obj, "help"):
         sys.stdout.write(usage())
         return 0
