@@ -94,11 +94,21 @@ class Net:
         """A bridge in its own namespace, and an eth0 with `address` in each host on it."""
         ul = self.host("ul")
         ul.run(f"ip link add br0 type bridge && ip link set br0 mtu {mtu} up")
-        for i, (h, addr) in enumerate(hosts.items()):
-            ul.run(f"ip link add p{i} mtu {mtu} type veth peer name eth0 mtu {mtu} netns {h.ns}"
-                   f" && ip link set p{i} master br0 up")
-            h.run(f"ip addr add {addr} dev eth0 && ip link set eth0 up")
+        for h, addr in hosts.items():
+            self.attach(ul, h, addr, mtu)
         return ul
+
+    def attach(self, ul: Host, h: Host, addr: str, mtu: int = 1500) -> None:
+        """Give host h an eth0 with addr on the bridge br0 of ul."""
+        port = "p-" + h.ns[len(self.prefix):][:12]
+        ul.run(f"ip link add {port} mtu {mtu} type veth peer name eth0 mtu {mtu} netns {h.ns}"
+               f" && ip link set {port} master br0 up")
+        h.run(f"ip addr add {addr} dev eth0 && ip link set eth0 up")
+
+    def remove(self, h: Host) -> None:
+        """End the processes of one host and delete its namespace (and so its links)."""
+        self.names.remove(h.ns)
+        _delete(h.ns)
 
     def container(self, host: Host, name: str, addr: str, gw: str, bridge: str = "mybr0") -> Host:
         c = self.host(name)
@@ -109,22 +119,27 @@ class Net:
 
     def close(self) -> None:
         for ns in reversed(self.names):
-            pids = sh(f"ip netns pids {ns}", check=False).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + 2
-            while pids and time.monotonic() < deadline:
-                pids = sh(f"ip netns pids {ns}", check=False).stdout.split()
-                time.sleep(0.05)
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            sh(f"ip netns del {ns}", check=False)
+            _delete(ns)
+        self.names.clear()
+
+
+def _delete(ns: str) -> None:
+    pids = sh(f"ip netns pids {ns}", check=False).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 2
+    while pids and time.monotonic() < deadline:
+        pids = sh(f"ip netns pids {ns}", check=False).stdout.split()
+        time.sleep(0.05)
+    for pid in pids:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    sh(f"ip netns del {ns}", check=False)
 
 
 def q(s: str) -> str:
