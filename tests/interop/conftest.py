@@ -51,6 +51,8 @@ class Rig:
         for h in self.nodes:
             self.net.remove(h)
         self.nodes.clear()
+        # the next test's nodes reuse these addresses with new MAC addresses
+        self.vm.run("ip neigh flush dev eth0", check=False)
 
 
 def why_not() -> str | None:

@@ -44,8 +44,9 @@ def build(cache: str = CACHE) -> tuple[str, str, str]:
     kver = pkg[len("linux-image-"):]
     out = os.path.abspath(os.path.join(cache, kver))
     vmlinux, initrd = os.path.join(out, "vmlinux"), os.path.join(out, "initrd.cpio")
-    init = os.path.join(HERE, "guest", "init")
-    if os.path.exists(initrd) and os.path.getmtime(initrd) >= os.path.getmtime(init):
+    sources = [os.path.join(HERE, "guest", f) for f in ("init", "mkinitrd.sh")]
+    if os.path.exists(initrd) and all(os.path.getmtime(initrd) >= os.path.getmtime(f)
+                                      for f in sources):
         return vmlinux, initrd, kver
     dl = os.path.join(out, "dl")
     os.makedirs(dl, exist_ok=True)
