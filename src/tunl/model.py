@@ -10,7 +10,7 @@ import ipaddress
 from dataclasses import asdict, dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
-from .errors import ConfigError
+from .errors import ConfigError, ExistsError, NotFoundError
 
 IFNAMSIZ = 16  # include/uapi/linux/if.h: 15 characters and the NUL
 
@@ -143,6 +143,21 @@ class TunnelSpec:
     def sixrd(self) -> tuple[IPv6Network, IPv4Network]:
         """The 6rd prefix and relay prefix in force (6to4's when none is set)."""
         return (self.ip6rd_prefix or SIXTOFOUR, self.ip6rd_relay_prefix or NO_RELAY)
+
+    def prl_changed(self, action: str, router: IPv4Address, default: bool) -> "TunnelSpec":
+        """The spec after one prl word: "add" (prl-default, prl-nodefault) or "del"
+        (prl-delete), with the errors of ipip6_tunnel_add_prl() and ipip6_tunnel_del_prl()."""
+        if self.mode is not TunnelMode.ISATAP:
+            raise ConfigError(f"prl on {self.name}: {self.name} is a {self.mode.value} tunnel; "
+                              "only isatap tunnels have a potential router list")
+        rest = tuple(e for e in self.prl if e[0] != router)
+        if action == "add":
+            if len(rest) != len(self.prl):
+                raise ExistsError(f"prl {router} on {self.name}: File exists (prl-delete it first)")
+            return self.with_(prl=self.prl + ((router, default),))
+        if len(rest) == len(self.prl):
+            raise NotFoundError(f"prl-delete {router} on {self.name}: no such router in the list")
+        return self.with_(prl=rest)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -260,3 +260,4 @@ def parse_6rd(words: list[str]) -> tuple[str, IPv6Network | None, IPv4Network | 
     if reset:
         return dev, None, None, True
     return dev, prefix or IPv6Network("::/0"), relay or IPv4Network("0.0.0.0/0"), False
+

@@ -9,9 +9,9 @@ import json
 import os
 import sys
 
-from ..errors import ConfigError, TunlError
+from ..errors import ConfigError, NotFoundError, TunlError
 from ..model import TunnelSpec
-from . import grammar, show
+from . import grammar, planes, show
 
 DATAPLANES = ("auto", "userspace", "kernel")
 
@@ -22,8 +22,7 @@ def _need_root(what: str) -> None:
 
 
 def _call(op: str, **args):
-    from ..daemon import client      # imported late: `tunl help` must not need a daemon
-    return client.call(op, **args)
+    return planes.call(op, **args)
 
 
 def do_tunnel(argv: list[str], opts: dict) -> int:
@@ -34,51 +33,106 @@ def do_tunnel(argv: list[str], opts: dict) -> int:
         sys.stdout.write("Usage: tunl tunnel { add | change | del | show | prl | 6rd } [ NAME ]\n"
                          + grammar.USAGE.split("\n", 1)[1])
         return 0
-    out = sys.stdout
     if grammar.matches(verb, "add"):
         spec = grammar.spec_for_add(words)
         _need_root("tunnel add")
-        _call("add", spec=spec.to_dict(), dataplane=opts["dataplane"])
+        if planes.choose(spec.mode, opts["dataplane"]) == "kernel":
+            k = planes.kernel_tunnels()
+            try:
+                k.add(spec)
+            finally:
+                k.close()
+        else:
+            _call("add", spec=spec.to_dict(), dataplane=opts["dataplane"])
         return 0
     if grammar.matches(verb, "change"):
         name = grammar.name_only(words, "change")
         _need_root("tunnel change")
+        current = planes.kernel_owner(name)
+        if current is not None:
+            k = planes.kernel_tunnels()
+            try:
+                k.change(grammar.spec_for_change(words, current))
+            finally:
+                k.close()
+            return 0
         current = TunnelSpec.from_dict(_call("show", name=name)[0]["spec"])
         spec = grammar.spec_for_change(words, current)
         _call("change", spec=spec.to_dict(), dataplane=opts["dataplane"])
         return 0
     if grammar.matches(verb, "delete"):
+        name = grammar.name_only(words, "del")
         _need_root("tunnel del")
-        _call("del", name=grammar.name_only(words, "del"))
+        if planes.kernel_owner(name) is not None:
+            k = planes.kernel_tunnels()
+            try:
+                k.delete(name)
+            finally:
+                k.close()
+        else:
+            _call("del", name=name)
         return 0
     if grammar.matches(verb, "show") or grammar.matches(verb, "lst") or grammar.matches(verb, "list"):
-        f = grammar.parse_words(words)
-        _need_root("tunnel show")
-        found = _call("show", name=f.get("name"))
-        found = [t for t in found if all(
-            str(t["spec"][k]) == str(v) for k, v in f.items() if k in ("mode", "remote", "local")
-            and not (k == "mode" and v.value == t["spec"]["mode"]))]
-        if opts["json"]:
-            json.dump([show.to_json(t) for t in found], out, indent=2 if opts["pretty"] else None)
-            out.write("\n")
-            return 0
-        for t in found:
-            out.write(show.tunnel_line(TunnelSpec.from_dict(t["spec"])) + "\n")
-            if opts["stats"]:
-                out.write(show.stats_lines(t["counters"]) + "\n")
-        return 0
+        return show_tunnels(grammar.parse_words(words), opts)
     if verb == "prl":
         dev, action, addr, default = grammar.parse_prl(words)
         _need_root("tunnel prl")
+        spec = planes.kernel_owner(dev)
+        if spec is not None:
+            return _kernel_respec(spec.prl_changed(action, addr, default))
         _call("prl", name=dev, action=action, addr=str(addr), default=default)
         return 0
     if verb == "6rd":
         dev, prefix, relay, reset = grammar.parse_6rd(words)
         _need_root("tunnel 6rd")
+        spec = planes.kernel_owner(dev)
+        if spec is not None:
+            return _kernel_respec(spec.with_(ip6rd_prefix=prefix, ip6rd_relay_prefix=relay))
         _call("sixrd", name=dev, prefix=str(prefix) if prefix else None,
               relay=str(relay) if relay else None)
         return 0
     raise ConfigError(f'"{verb}": unknown command; try "tunl tunnel help"')
+
+
+def _kernel_respec(spec: TunnelSpec) -> int:
+    k = planes.kernel_tunnels()
+    try:
+        k.change(spec)
+    finally:
+        k.close()
+    return 0
+
+
+def show_tunnels(f: dict, opts: dict) -> int:
+    """Kernel tunnel devices (tunl's and any other, like `ip tunnel show`), then tunld's."""
+    _need_root("tunnel show")
+    found = []
+    k = planes.kernel_tunnels()
+    try:
+        for name in k.names():
+            if f.get("name") in (None, name):
+                found.append(planes.status(k.read(name)))
+    finally:
+        k.close()
+    if not (f.get("name") and found):
+        try:
+            found += _call("show", name=f.get("name"))
+        except NotFoundError:
+            if not found and f.get("name"):
+                raise
+    found = [t for t in found if all(
+        str(t["spec"][k_]) == str(v) for k_, v in f.items() if k_ in ("remote", "local"))
+        and ("mode" not in f or f["mode"].value == t["spec"]["mode"])]
+    out = sys.stdout
+    if opts["json"]:
+        json.dump([show.to_json(t) for t in found], out, indent=2 if opts["pretty"] else None)
+        out.write("\n")
+        return 0
+    for t in found:
+        out.write(show.tunnel_line(TunnelSpec.from_dict(t["spec"])) + "\n")
+        if opts["stats"]:
+            out.write(show.stats_lines(t["counters"]) + "\n")
+    return 0
 
 
 def do_daemon(argv: list[str], opts: dict) -> int:

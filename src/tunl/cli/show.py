@@ -7,9 +7,8 @@ from ..model import TunnelMode, TunnelSpec
 def tunnel_line(spec: TunnelSpec) -> str:
     parts = [f"{spec.name}: {spec.mode.show_name}/ip",
              f"remote {spec.remote or 'any'}", f"local {spec.local or 'any'}"]
-    for addr, default in spec.prl:
-        # print_tunnel() prints each entry as " %s %s ", so a double space follows
-        parts.append(f"{'pdr' if default else 'pr'} {addr} ")
+    for addr, default in spec.prl:        # as iproute2 6.1 prints them, seen in the interop guest
+        parts.append(f"{'pdr' if default else 'pr'} {addr}")
     if spec.dev:
         parts.append(f"dev {spec.dev}")
     parts.append(f"ttl {spec.ttl}" if spec.ttl else "ttl inherit")

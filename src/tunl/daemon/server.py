@@ -222,20 +222,7 @@ class Tunld:
     def op_prl(self, name: str, action: str, addr: str, default: bool) -> dict:
         """SIOCADDPRL / SIOCDELPRL on an isatap tunnel (ipip6_tunnel_add_prl(), _del_prl())."""
         t = self._ours(name, "prl")
-        if t.spec.mode is not TunnelMode.ISATAP:
-            raise ConfigError(f"prl on {name}: {name} is a {t.spec.mode.value} tunnel; only "
-                              "isatap tunnels have a potential router list")
-        router = IPv4Address(addr)
-        rest = tuple(e for e in t.spec.prl if e[0] != router)
-        if action == "add":
-            if len(rest) != len(t.spec.prl):
-                raise ExistsError(f"prl {addr} on {name}: File exists (prl-delete it first)")
-            prl = t.spec.prl + ((router, default),)
-        else:
-            if len(rest) == len(t.spec.prl):
-                raise NotFoundError(f"prl-delete {addr} on {name}: no such router in the list")
-            prl = rest
-        return self._respec(t, t.spec.with_(prl=prl))
+        return self._respec(t, t.spec.prl_changed(action, IPv4Address(addr), default))
 
     def op_sixrd(self, name: str, prefix: str | None, relay: str | None) -> dict:
         """SIOCADD6RD / SIOCDEL6RD (ipip6_tunnel_update_6rd()); no prefix: 6rd-reset."""
