@@ -77,3 +77,9 @@ def test_devices_tunl_did_not_make_are_left_alone(interop):
     assert "tunl did not create it" in out and "rc=1" in out
     assert rig.guest("ip tunnel show tunl0") == before
     assert "gre0" in rig.guest("ip -br link")
+
+
+def test_doctor_in_the_guest_says_the_kernel_carries_the_tunnels(interop):
+    out = interop.guest(f"{TUNL} doctor", check=False)
+    for mode in ("ipip", "gre", "sit"):
+        assert re.search(rf"^\s+{mode}\s+kernel\b", out, re.M), out
