@@ -76,6 +76,43 @@ def too_big(rig, record, case, host, dev, guest_in, host_in):
     assert said_h, out_h
 
 
+def forwarded_too_big(rig, record, case, host, dev, v6=False):
+    """A container behind each side sends one byte over the tunnel MTU with DF towards the
+    other side's container: its router answers, and both routers must answer alike
+    (ICMP fragmentation needed, or ICMPv6 packet too big, with the tunnel's MTU)."""
+    mtu = int(host.run(f"cat /sys/class/net/{dev}/mtu").stdout)
+    if v6:
+        nets, fwd, hdr = ("fd99:1::", "fd99:2::"), "net.ipv6.conf.all.forwarding", 48
+        plen, want = 64, f"Packet too big: mtu={mtu}"
+    else:
+        nets, fwd, hdr = ("10.99.1.", "10.99.2."), "net.ipv4.ip_forward", 28
+        plen, want = 24, f"Frag needed and DF set (mtu = {mtu})"
+    mine, theirs = nets
+    c = rig.net.host("hc")
+    rig.nodes.append(c)
+    host.run(f"ip link add hc0 type veth peer name eth0 netns {c.ns} && "
+              f"ip addr add {mine}1/{plen} dev hc0 && ip link set hc0 up && sysctl -qw {fwd}=1 && "
+              f"ip route add {theirs}0/{plen} dev {dev}")
+    c.run(f"ip addr add {mine}2/{plen} dev eth0 && ip link set eth0 up && "
+          f"ip route add default via {mine}1")
+    rig.guest("ip netns add gc", undo="ip netns del gc")
+    rig.guest(f"ip link add gc0 type veth peer name eth0 netns gc && "
+              f"ip addr add {theirs}1/{plen} dev gc0 && ip link set gc0 up && sysctl -qw {fwd}=1 && "
+              f"ip route add {mine}0/{plen} dev {dev} && ip -n gc addr add {theirs}2/{plen} dev eth0 && "
+              f"ip -n gc link set eth0 up && ip -n gc link set lo up && "
+              f"ip -n gc route add default via {theirs}1")
+    time.sleep(2 if v6 else 0.2)        # duplicate address detection
+    size = mtu - hdr + 1
+    p = c.ping(f"{theirs}2", extra=f"-M do -s {size}")
+    out_g = rig.guest(f"ip netns exec gc ping -n -c 1 -W 2 -M do -s {size} {mine}2", check=False)
+    ok_h, ok_g = want in p.stdout, want in out_g
+    record(case, f"forwarded too big: {want}", ok_h and ok_g,
+           "" if ok_h and ok_g else f"tunl side {'ok' if ok_h else 'FAIL'}, kernel side "
+           f"{'ok' if ok_g else 'FAIL'}")
+    assert ok_h, p.stdout + p.stderr
+    assert ok_g, out_g
+
+
 def test_ipip_point_to_point(interop, record):
     rig = interop
     host = rig.node("a", HOST)
@@ -87,6 +124,7 @@ def test_ipip_point_to_point(interop, record):
     pings(rig, record, "ipip", host, "10.60.1.1", "10.60.1.2")
     tcp(rig, record, "ipip", host, "10.60.1.2")
     too_big(rig, record, "ipip", host, "ipip1", "10.60.1.2", "10.60.1.1")
+    forwarded_too_big(rig, record, "ipip", host, "ipip1")
 
 
 @pytest.mark.parametrize("opts", ["", "key 42", "seq", "csum", "key 42 seq csum"],
@@ -105,6 +143,7 @@ def test_gre(interop, record, opts):
     pings(rig, record, case + " (IPv6 inside)", host, "fd00:61::1", "fd00:61::2")
     tcp(rig, record, case, host, "10.61.1.2")
     too_big(rig, record, case, host, "gre1", "10.61.1.2", "10.61.1.1")
+    forwarded_too_big(rig, record, case, host, "gre1")
 
 
 def test_sit_point_to_point(interop, record):
@@ -119,6 +158,7 @@ def test_sit_point_to_point(interop, record):
     pings(rig, record, "sit", host, "2001:db8:62::1", "2001:db8:62::2")
     tcp(rig, record, "sit", host, "2001:db8:62::2")
     too_big(rig, record, "sit", host, "sit1", "2001:db8:62::2", "2001:db8:62::1")
+    forwarded_too_big(rig, record, "sit", host, "sit1", v6=True)
 
 
 def test_isatap_with_a_router_list(interop, record):
