@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-from ..errors import ConfigError, NotFoundError, TunlError
+from ..errors import ConfigError, DaemonError, NotFoundError, TunlError
 from ..model import TunnelSpec
 from . import grammar, planes, show
 
@@ -37,11 +37,8 @@ def do_tunnel(argv: list[str], opts: dict) -> int:
         spec = grammar.spec_for_add(words)
         _need_root("tunnel add")
         if planes.choose(spec.mode, opts["dataplane"]) == "kernel":
-            k = planes.kernel_tunnels()
-            try:
+            with planes.kernel_tunnels() as k:
                 k.add(spec)
-            finally:
-                k.close()
         else:
             _call("add", spec=spec.to_dict(), dataplane=opts["dataplane"])
         return 0
@@ -50,12 +47,7 @@ def do_tunnel(argv: list[str], opts: dict) -> int:
         _need_root("tunnel change")
         current = planes.kernel_owner(name)
         if current is not None:
-            k = planes.kernel_tunnels()
-            try:
-                k.change(grammar.spec_for_change(words, current))
-            finally:
-                k.close()
-            return 0
+            return _kernel_respec(grammar.spec_for_change(words, current))
         current = TunnelSpec.from_dict(_call("show", name=name)[0]["spec"])
         spec = grammar.spec_for_change(words, current)
         _call("change", spec=spec.to_dict(), dataplane=opts["dataplane"])
@@ -64,11 +56,8 @@ def do_tunnel(argv: list[str], opts: dict) -> int:
         name = grammar.name_only(words, "del")
         _need_root("tunnel del")
         if planes.kernel_owner(name) is not None:
-            k = planes.kernel_tunnels()
-            try:
+            with planes.kernel_tunnels() as k:
                 k.delete(name)
-            finally:
-                k.close()
         else:
             _call("del", name=name)
         return 0
@@ -95,31 +84,26 @@ def do_tunnel(argv: list[str], opts: dict) -> int:
 
 
 def _kernel_respec(spec: TunnelSpec) -> int:
-    k = planes.kernel_tunnels()
-    try:
+    with planes.kernel_tunnels() as k:
         k.change(spec)
-    finally:
-        k.close()
     return 0
 
 
 def show_tunnels(f: dict, opts: dict) -> int:
     """Kernel tunnel devices (tunl's and any other, like `ip tunnel show`), then tunld's."""
     _need_root("tunnel show")
-    found = []
-    k = planes.kernel_tunnels()
-    try:
-        for name in k.names():
-            if f.get("name") in (None, name):
-                found.append(planes.status(k.read(name)))
-    finally:
-        k.close()
+    with planes.kernel_tunnels() as k:
+        found = [planes.status(k.read(name)) for name in k.names()
+                 if f.get("name") in (None, name)]
     if not (f.get("name") and found):
         try:
-            found += _call("show", name=f.get("name"))
+            found += planes.call("show", autostart=planes.userspace_devices(), name=f.get("name"))
         except NotFoundError:
             if not found and f.get("name"):
                 raise
+        except DaemonError:
+            if f.get("name") and not found:
+                raise NotFoundError(f'get tunnel "{f["name"]}" failed: No such device') from None
     found = [t for t in found if all(
         str(t["spec"][k_]) == str(v) for k_, v in f.items() if k_ in ("remote", "local"))
         and ("mode" not in f or f["mode"].value == t["spec"]["mode"])]

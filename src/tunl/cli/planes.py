@@ -2,6 +2,8 @@
 userspace tunnels. `auto` takes the kernel where it has (or can load) the mode's module."""
 from __future__ import annotations
 
+import os
+
 from ..errors import UnsupportedError
 from ..model import TunnelMode, TunnelSpec
 
@@ -24,19 +26,31 @@ def choose(mode: TunnelMode, asked: str) -> str:
     return "kernel" if state != "missing" else "userspace"
 
 
-def call(op: str, **args):
+def call(op: str, autostart: bool = True, **args):
     from ..daemon import client      # imported late: `tunl help` must not need a daemon
-    return client.call(op, **args)
+    return client.call(op, autostart=autostart, **args)
+
+
+def userspace_devices() -> bool:
+    """Whether this namespace has a TUN device tunld made (its alias says "tunl:"): then a
+    `show` starts tunld to take it back; otherwise it need not start one."""
+    import glob
+    for path in glob.glob("/sys/class/net/*/ifalias"):
+        try:
+            with open(path) as f:
+                if f.read().startswith("tunl:") and os.path.exists(
+                        os.path.join(os.path.dirname(path), "tun_flags")):
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def kernel_owner(name: str) -> TunnelSpec | None:
     """The spec of a kernel tunnel tunl made (ForeignDeviceError for one it did not), or None
     when `name` is not a kernel tunnel: then it is tunld's business."""
-    k = kernel_tunnels()
-    try:
+    with kernel_tunnels() as k:
         return k.owned(name)
-    finally:
-        k.close()
 
 
 def status(spec: TunnelSpec) -> dict:

@@ -88,6 +88,12 @@ class KernelTunnels:
     def close(self) -> None:
         self._ipr.close()
 
+    def __enter__(self) -> "KernelTunnels":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _link(self, name: str):
         try:
             return self._ipr.link("get", ifname=name)[0]

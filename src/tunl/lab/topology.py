@@ -145,16 +145,19 @@ class Topology:
 
 # -- parsing -------------------------------------------------------------------------------
 
-def load(path) -> Topology:
-    """Read and validate a topology file."""
+def _read(path) -> dict:
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except OSError as e:
         raise ConfigError(f"{path}: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
-    return parse(data)
+
+
+def load(path) -> Topology:
+    """Read and validate a topology file."""
+    return parse(_read(path))
 
 
 def loads(text: str) -> Topology:
@@ -167,13 +170,7 @@ def loads(text: str) -> Topology:
 
 def load_name(path) -> str:
     """Only the lab's name: enough for `down`, even when the rest of the file no longer parses."""
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise ConfigError(f"{path}: {e.strerror}") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    data = _read(path)
     if not isinstance(data, dict) or "name" not in data:
         raise ConfigError('name: missing (the lab\'s name, e.g. name = "one2one")')
     return check_lab_name(data["name"])
