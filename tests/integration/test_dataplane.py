@@ -203,3 +203,16 @@ def test_the_control_socket_answers_root_only(o2o):
     reply = json.loads(p.stdout)
     assert reply["ok"] is False and "root only" in reply["message"]
     assert [t["ifname"] for t in a.tunnels()] == ["tunl0"]
+
+
+def test_a_default_route_through_the_tunnel_is_no_dead_loop(o2o):
+    """With `default dev tunl0`, the remote is still routed out of eth0 (its connected /16):
+    the outer packets do not come back into the tunnel, so nothing is a DeadLoop."""
+    _, a, _, _ = o2o
+    before = a.counters()["collisions"]
+    a.run("ip route add default dev tunl0")
+    try:
+        assert a.ping("10.42.2.1", count=2).returncode == 0
+        assert a.counters()["collisions"] == before
+    finally:
+        a.run("ip route del default dev tunl0")

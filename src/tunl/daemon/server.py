@@ -57,10 +57,18 @@ def spec_from_alias(alias: str | None) -> TunnelSpec | None:
 class Tunld:
     def __init__(self):
         self.kernel = Kernel()
-        self.engine = Engine(time.monotonic)
+        self._per_thread = threading.local()
+        self.engine = Engine(time.monotonic, self._route_oif)
         self.lock = threading.Lock()
         self.watcher: RouteWatcher | None = None
         self.running = True
+
+    def _route_oif(self, dst: str) -> int | None:
+        """For the data plane's threads: each gets its own netlink socket."""
+        k = getattr(self._per_thread, "kernel", None)
+        if k is None:
+            k = self._per_thread.kernel = Kernel()
+        return k.route_oif(dst)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -70,8 +78,17 @@ class Tunld:
             spec = spec_from_alias(link.alias)
             if link.kind != "tun" or spec is None or spec.name != link.name:
                 continue
-            fd = tun.attach(link.name)
-            self.engine.add(spec, fd, link.index, link.mtu)
+            try:
+                fd = tun.attach(link.name)
+            except (TunlError, OSError) as e:     # one bad device must not stop the rest
+                log.error("cannot take back %s: %s", link.name, e)
+                continue
+            try:
+                self.engine.add(spec, fd, link.index, link.mtu)
+            except (TunlError, OSError) as e:
+                os.close(fd)
+                log.error("cannot take back %s: %s", link.name, e)
+                continue
             log.info("took back %s", link.name)
 
     def resync(self, k: Kernel) -> None:
@@ -167,7 +184,10 @@ class Tunld:
                 under = self.kernel.route_get(str(spec.remote))[1]
             except NotFoundError:
                 pass
-        return under - modes.codec_for(spec).overhead
+        mtu = under - modes.codec_for(spec).overhead
+        if spec.mode in (TunnelMode.SIT, TunnelMode.ISATAP):
+            mtu = max(mtu, 1280)           # ipip6_tunnel_bind_dev(): IPv6 needs 1280
+        return mtu
 
     def op_add(self, spec: dict, dataplane: str = "auto") -> dict:
         s = TunnelSpec.from_dict(spec)
@@ -212,6 +232,8 @@ class Tunld:
             raise ConfigError(f"mode {s.mode.value}: {s.name} is a {t.spec.mode.value} tunnel; "
                               "change cannot switch modes (delete and add it)")
         self._check_dataplane(s, dataplane)
+        if modes.codec_for(s).overhead != t.codec.overhead or s.dev != t.spec.dev:
+            self.kernel.set_link(s.name, mtu=self._mtu_for(s))    # like ipgre_link_update()
         return self._respec(t, s)
 
     def _respec(self, t, new: TunnelSpec) -> dict:
@@ -268,12 +290,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s tunld[%(process)d] %(levelname)s %(message)s")
     sys.setswitchinterval(0.0005)   # hand the GIL over quickly between ingress and egress
-    d = Tunld()
-    signal.signal(signal.SIGTERM, lambda *_: setattr(d, "running", False))
     try:
+        d = Tunld()
+        signal.signal(signal.SIGTERM, lambda *_: setattr(d, "running", False))
         d.serve()
     except KeyboardInterrupt:
         pass
+    except (TunlError, OSError) as e:
+        print(f"tunld: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -22,6 +22,8 @@ class Counters:
 
     def as_dict(self) -> dict:
         d = {f: getattr(self, f) for f in FIELDS}
-        d["rx_drop"] = {k.value: v for k, v in self.rx_drop.items()}
-        d["tx_drop"] = {k.value: v for k, v in self.tx_drop.items()}
+        # dict() copies in one step under the GIL; iterating a Counter another thread adds to
+        # could fail with "dictionary changed size"
+        d["rx_drop"] = {k.value: v for k, v in dict(self.rx_drop).items()}
+        d["tx_drop"] = {k.value: v for k, v in dict(self.tx_drop).items()}
         return d

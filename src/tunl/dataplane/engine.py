@@ -21,7 +21,7 @@ import threading
 from collections import Counter
 from typing import Callable
 
-from ..model import Route, TunnelSpec
+from ..model import Route, TunnelMode, TunnelSpec
 from ..tunnel import modes
 from ..tunnel.lookup import lookup
 from ..tunnel.outer import ANY, HEADROOM, v4_compatible
@@ -53,24 +53,32 @@ class TunnelPlane:
         self.ifindex = ifindex
         self.mtu = mtu
         self.counters = Counters()
+        self.ident = 0
         self.fib4 = Fib()
         self.fib6 = Fib(bits=128)
+        self.loops: dict[bytes, bool] = {}   # outer destination -> routed into this device?
         self.up = False
-        self.sock = rawsock.sender(spec.dev)
+        self.sock = None
         self.stopping = False
         self._wake_r, self._wake_w = os.pipe()
         self.thread: threading.Thread | None = None
         self.configure(spec)
 
     def configure(self, spec: TunnelSpec) -> None:
+        if self.sock is None or spec.dev != self.spec.dev:
+            old, self.sock = self.sock, rawsock.sender(spec.dev)
+            if old is not None:
+                old.close()
         self.spec = spec
         self.codec = modes.codec_for(spec)
         self.proto = self.codec.proto
         self.remote = spec.remote.packed if spec.remote else None
-        # sit decides with the next hop itself (isatap asks it even with a remote)
-        self.fixed_dst = self.remote is not None and not hasattr(self.codec, "outer_dst")
-        self.local_any = (spec.local.packed if spec.local else ANY,
+        # isatap asks the next hop even with a remote (ipip6_tunnel_xmit())
+        self.fixed_dst = self.remote is not None and spec.mode is not TunnelMode.ISATAP
+        self.addr = (str(spec.remote), 0) if spec.remote else None
+        self.endpoints = (spec.local.packed if spec.local else ANY,
                           spec.remote.packed if spec.remote else ANY)
+        self.loops = {}
 
     def count_rx_drop(self, why: Drop) -> None:
         c = self.counters
@@ -97,13 +105,19 @@ class TunnelPlane:
 
 
 class Engine:
-    def __init__(self, clock: Callable[[], float]):
+    """route_oif(dst) -> the ifindex the kernel routes an IPv4 address out of (None when
+    unroutable); the daemon gives it, since only kernel/ talks netlink."""
+
+    def __init__(self, clock: Callable[[], float],
+                 route_oif: Callable[[str], int | None] = lambda dst: None):
+        self.route_oif = route_oif
         self.tunnels: dict[str, TunnelPlane] = {}
         self.pmtu = PmtuCache(clock)
-        self.unmatched: Counter = Counter()     # received packets no tunnel took, by reason
+        self._unmatched: list[Counter] = []    # received packets no tunnel took, by reason
         self.icmp_frag_needed = 0
         # proto -> GRE key (None: no key) -> ((local, remote, plane), ...) of the up tunnels
         self._tables: dict[int, dict] = {p: {} for p in TUNNEL_PROTOS}
+        self._peers: frozenset = frozenset()
         self._receivers: dict[int, socket.socket] = {}
         self._stopping = False
         self._icmp = rawsock.receiver(PROTO_ICMP)
@@ -122,6 +136,10 @@ class Engine:
         os.write(self._wake_w, b"x")
         for t in self._threads:
             t.join(2)
+        for sock in (self._icmp, *self._receivers.values()):
+            sock.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
     def add(self, spec: TunnelSpec, fd: int, ifindex: int, mtu: int) -> TunnelPlane:
         t = TunnelPlane(spec, fd, ifindex, mtu)
@@ -163,15 +181,18 @@ class Engine:
         t = self.tunnels[name]
         v4 = tuple(r for r in routes if r.dst.version == 4)
         v6 = tuple(r for r in routes if r.dst.version == 6)
+        reindex = up != t.up
         if v4 != t.fib4.routes:
             t.fib4 = Fib(v4)
+            reindex = True
         if v6 != t.fib6.routes:
             t.fib6 = Fib(v6, bits=128)
+        t.loops = {}                       # routes changed: ask the kernel again
         if hasattr(t.codec, "set_prefixes"):
             t.codec.set_prefixes(prefixes)
         t.mtu = mtu
-        if up != t.up:
-            t.up = up
+        t.up = up
+        if reindex:
             self._reindex()
 
     def _reindex(self) -> None:
@@ -181,8 +202,13 @@ class Engine:
             if t.up:
                 key = t.spec.ikey if t.proto == PROTO_GRE else None
                 by_key = tables[t.proto]
-                by_key[key] = by_key.get(key, ()) + ((t.local_any[0], t.local_any[1], t),)
+                by_key[key] = by_key.get(key, ()) + ((*t.endpoints, t),)
         self._tables = tables
+        # the peers whose path MTU ICMP may teach: remotes and the gateways of NBMA routes
+        self._peers = frozenset(
+            [t.remote for t in self.tunnels.values() if t.remote] +
+            [r.gateway.packed for t in self.tunnels.values() for r in t.fib4.routes
+             if r.gateway is not None])
 
     # -- egress -----------------------------------------------------------------------------
 
@@ -190,46 +216,66 @@ class Engine:
         buf = bytearray(HEADROOM + MAX_PACKET)
         view = memoryview(buf)
         into = [view[HEADROOM:]]
-        fd, c, H = t.fd, t.counters, HEADROOM
-        readv, ntoa, pmtu = os.readv, socket.inet_ntoa, self.pmtu
-        ident = 0
+        fd, H = t.fd, HEADROOM
+        readv = os.readv
+        waiter = select.poll()
+        waiter.register(fd, select.POLLIN)
+        waiter.register(t._wake_r, select.POLLIN)
         while not t.stopping:
             try:
                 n = readv(fd, into)
             except BlockingIOError:
-                select.select([fd, t._wake_r], [], [])
+                waiter.poll()
                 continue
             except OSError as e:
                 if not t.stopping:
                     log.error("%s: reading the device failed: %s", t.spec.name, e)
                 return
-            codec = t.codec
-            ver = buf[H] >> 4 if n else 0
-            if ver not in codec.versions or n < MIN_LEN[ver]:
-                t.count_tx_drop(Drop.NOT_IPV4 if 4 in codec.versions else Drop.NOT_IPV6)
-                continue
-            dst = t.remote if t.fixed_dst else self._nbma_dst(t, buf, ver)
+            try:
+                self._send(t, buf, view, n)
+            except Exception:          # a bug must not stop the tunnel: count it and go on
+                log.exception("%s: egress", t.spec.name)
+                t.count_tx_drop(Drop.INTERNAL)
+
+    def _send(self, t: TunnelPlane, buf, view, n: int) -> None:
+        H = HEADROOM
+        codec = t.codec
+        ver = buf[H] >> 4 if n else 0
+        if ver not in codec.versions or n < MIN_LEN[ver]:
+            t.count_tx_drop(Drop.NOT_IPV4 if 4 in codec.versions else Drop.NOT_IPV6)
+            return
+        if t.fixed_dst:
+            dst, addr = t.remote, t.addr
+        else:
+            dst = self._nbma_dst(t, buf, ver)
             if dst is None or dst == ANY:
                 t.count_tx_drop(Drop.NO_ROUTE, "tx_carrier_errors")       # NoRoute
-                continue
-            if t.fib4.routes and t.fib4.lookup(int.from_bytes(dst, "big"))[0]:
-                # the outer packet would be routed into this tunnel again: DeadLoop
-                t.count_tx_drop(Drop.DEAD_LOOP, "collisions")
-                continue
-            if len(pmtu) and self._too_big(t, view, n, ver, dst):
-                continue
-            ident = (ident + 1) & 0xFFFF or 1
-            start = codec.encap(buf, H, n, dst, ident)
-            if start.__class__ is Drop:
-                t.count_tx_drop(start)
-                continue
-            try:
-                t.sock.sendto(view[start:H + n], (ntoa(dst), 0))
-            except OSError:
-                t.count_tx_drop(Drop.SEND_FAILED)
-                continue
-            c.tx_packets += 1
-            c.tx_bytes += n
+                return
+            addr = (socket.inet_ntoa(dst), 0)
+        loops = t.loops.get(dst)
+        if loops is None:
+            # ip_tunnel_xmit(): an outer packet the kernel would route into this very device
+            if len(t.loops) > 4096:
+                t.loops = {}
+            loops = t.loops[dst] = self.route_oif(addr[0]) == t.ifindex
+        if loops:
+            t.count_tx_drop(Drop.DEAD_LOOP, "collisions")                 # DeadLoop
+            return
+        if len(self.pmtu) and self._too_big(t, view, n, ver, dst):
+            return
+        t.ident = (t.ident + 1) & 0xFFFF or 1
+        start = codec.encap(buf, H, n, dst, t.ident)
+        if start.__class__ is Drop:
+            t.count_tx_drop(start)
+            return
+        try:
+            t.sock.sendto(view[start:H + n], addr)
+        except OSError:
+            t.count_tx_drop(Drop.SEND_FAILED)
+            return
+        c = t.counters
+        c.tx_packets += 1
+        c.tx_bytes += n
 
     @staticmethod
     def _nbma_dst(t: TunnelPlane, buf, ver: int) -> bytes | None:
@@ -247,25 +293,27 @@ class Engine:
         return v4_compatible(gw if gw is not None else inner_dst)
 
     def _too_big(self, t: TunnelPlane, view, n: int, ver: int, dst: bytes) -> bool:
-        """tnl_update_pmtu(): answer a packet the learned path MTU cannot carry."""
+        """tnl_update_pmtu() (ipip6_tunnel_xmit() for sit): answer a packet the learned path
+        MTU cannot carry, when the tunnel does path MTU discovery."""
         H = HEADROOM
         mtu = self.pmtu.get(dst, MAX_PACKET) - t.codec.overhead
-        if n <= mtu:
+        if n <= mtu or not t.spec.pmtudisc:
             return False
         inner = view[H:H + n]
         if ver == 4:
             if not inner[6] & 0x40:
                 return False        # no DF: the outer packet may be fragmented
+            why = Drop.TOO_BIG
             pkt = icmp.error_packet(bytes(inner[16:20]), inner,
                                     icmp.dest_unreach(icmp.FRAG_NEEDED, inner, mtu))
-            why = Drop.TOO_BIG
         else:
-            mtu = max(mtu, IPV6_MIN_MTU)        # RFC 4213 §3.2.2
-            if n <= mtu:
-                return False
+            if t.proto == PROTO_IPV6:
+                mtu = max(mtu, IPV6_MIN_MTU)    # sit: never below 1280 (RFC 4213 §3.2.2)
+            if n <= mtu or mtu < IPV6_MIN_MTU:
+                return False        # ip_tunnel: no Packet Too Big under the IPv6 minimum
+            why = Drop.PACKET_TOO_BIG
             pkt = icmpv6.error_packet(bytes(inner[24:40]), inner,
                                       icmpv6.packet_too_big(inner, mtu))
-            why = Drop.PACKET_TOO_BIG
         try:
             os.write(t.fd, pkt)   # as if from the far side: the inner destination answers
         except OSError:
@@ -279,64 +327,91 @@ class Engine:
         buf = bytearray(MAX_PACKET + 1)
         view = memoryview(buf)
         demux = modes.module_for_proto(proto).demux
-        recv_into, write = sock.recv_into, os.write
-        fd = sock.fileno()
+        recv_into = sock.recv_into
+        waiter = select.poll()
+        waiter.register(sock.fileno(), select.POLLIN)
+        waiter.register(self._wake_r, select.POLLIN)
+        unmatched: Counter = Counter()      # this thread's own: no lost increments
+        self._unmatched.append(unmatched)
         while not self._stopping:
             try:
                 n = recv_into(buf)
             except BlockingIOError:
-                select.select([fd, self._wake_r], [], [])
+                waiter.poll()
                 continue
-            r = demux(buf, n)
-            if r.__class__ is Drop:
-                self.unmatched[r] += 1
-                continue
-            ihl, end, key, ctx = r
-            by_key = self._tables[proto]
-            t = lookup(by_key.get(key, ()), buf[12:16], buf[16:20])
-            if t is None:
-                self.unmatched[Drop.KEY_MISMATCH if by_key and key not in by_key
-                               else Drop.NO_TUNNEL] += 1
-                continue
-            r = t.codec.decap_at(buf, ihl, end, ctx)
-            if r.__class__ is Drop:
-                t.count_rx_drop(r)
-                continue
-            off, ln = r
-            try:
-                write(t.fd, view[off:off + ln])
             except OSError:
-                t.counters.rx_dropped += 1
-                t.counters.rx_drop[Drop.TUNNEL_DOWN] += 1
+                if self._stopping:
+                    return
                 continue
-            t.counters.rx_packets += 1
-            t.counters.rx_bytes += ln
+            try:
+                self._receive_one(proto, demux, buf, view, n, unmatched)
+            except Exception:          # a bug must not stop the protocol: count it, go on
+                log.exception("ingress %d", proto)
+                unmatched[Drop.INTERNAL] += 1
+
+    def _receive_one(self, proto, demux, buf, view, n: int, unmatched: Counter) -> None:
+        r = demux(buf, n)
+        if r.__class__ is Drop:
+            unmatched[r] += 1
+            return
+        ihl, end, key, ctx = r
+        by_key = self._tables[proto]
+        t = lookup(by_key.get(key, ()), buf[12:16], buf[16:20])
+        if t is None:
+            unmatched[Drop.KEY_MISMATCH if by_key and key not in by_key else Drop.NO_TUNNEL] += 1
+            return
+        r = t.codec.decap_at(buf, ihl, end, ctx)
+        if r.__class__ is Drop:
+            t.count_rx_drop(r)
+            return
+        off, ln = r
+        c = t.counters
+        if t.stopping:                 # removed since the lookup: its fd may be closing
+            return
+        try:
+            os.write(t.fd, view[off:off + ln])
+        except OSError:
+            c.rx_dropped += 1
+            c.rx_drop[Drop.TUNNEL_DOWN] += 1
+            return
+        c.rx_packets += 1
+        c.rx_bytes += ln
 
     # -- path MTU ---------------------------------------------------------------------------
 
     def _icmp_loop(self) -> None:
-        """Learn a peer's path MTU from ICMP fragmentation needed about our outer packets."""
-        fd = self._icmp.fileno()
+        """Learn a tunnel peer's path MTU from ICMP fragmentation needed about our outer
+        packets (what ipip_err() and gre_err() hand to ipv4_update_pmtu())."""
+        waiter = select.poll()
+        waiter.register(self._icmp.fileno(), select.POLLIN)
+        waiter.register(self._wake_r, select.POLLIN)
         while not self._stopping:
             try:
                 data = self._icmp.recv(2048)
             except BlockingIOError:
-                select.select([fd, self._wake_r], [], [])
+                waiter.poll()
+                continue
+            except OSError:
                 continue
             if len(data) < IPV4_HLEN:
                 continue
-            got = icmp.parse_error(data[(data[0] & 0x0F) * 4:])
+            ihl = (data[0] & 0x0F) * 4
+            if data[ihl:ihl + 2] != bytes((icmp.DEST_UNREACH, icmp.FRAG_NEEDED)):
+                continue             # cheap test first: most ICMP is something else
+            got = icmp.parse_error(data[ihl:])
             if got.__class__ is Drop:
                 continue
             msg, quoted = got
-            if (msg.type, msg.code) != (icmp.DEST_UNREACH, icmp.FRAG_NEEDED):
-                continue
-            if quoted[9] not in TUNNEL_PROTOS or not msg.mtu:
-                continue
+            peer = bytes(quoted[16:20])
+            if quoted[9] not in TUNNEL_PROTOS or not msg.mtu or peer not in self._peers:
+                continue             # not about a packet of one of our tunnels
             self.icmp_frag_needed += 1
-            learned = self.pmtu.learn(bytes(quoted[16:20]), msg.mtu)
-            log.info("path MTU to %s is now %d", socket.inet_ntoa(quoted[16:20]), learned)
+            learned = self.pmtu.learn(peer, msg.mtu)
+            log.info("path MTU to %s is now %d", socket.inet_ntoa(peer), learned)
 
     def stats(self) -> dict:
-        return {"unmatched": {k.value: v for k, v in self.unmatched.items()},
+        unmatched: Counter = Counter()
+        for c in list(self._unmatched):
+            unmatched.update(dict(c))
+        return {"unmatched": {k.value: v for k, v in unmatched.items()},
                 "icmp_frag_needed": self.icmp_frag_needed}

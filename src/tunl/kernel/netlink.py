@@ -94,6 +94,13 @@ class Kernel:
                                            strict=False)
                      for m in self._ipr.get_addr(family=socket.AF_INET6, index=ifindex))
 
+    def route_oif(self, dst: str) -> int | None:
+        """The ifindex the kernel routes dst out of; None when it cannot route it."""
+        try:
+            return self._ipr.route("get", dst=dst)[0].get_attr("RTA_OIF")
+        except NetlinkError:
+            return None
+
     def route_get(self, dst: str) -> tuple[str | None, int]:
         """The device the kernel would send to dst through, and that device's MTU."""
         try:

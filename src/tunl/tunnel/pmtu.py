@@ -5,6 +5,7 @@ from typing import Callable
 
 MIN_PMTU = 552              # ip_rt_min_pmtu: 512 + 20 + 20
 EXPIRES = 600.0             # ip_rt_mtu_expires: 10 minutes
+MAX_ENTRIES = 4096
 
 
 class PmtuCache:
@@ -23,6 +24,10 @@ class PmtuCache:
         """
         mtu = max(mtu, MIN_PMTU)
         now = self._clock()
+        if len(self._mtu) >= MAX_ENTRIES:       # forget what has expired before growing
+            for p, (_m, until) in list(self._mtu.items()):
+                if now >= until:
+                    self._mtu.pop(p, None)
         entry = self._mtu.get(peer)
         if entry is not None and now < entry[1] and entry[0] < mtu:
             return entry[0]
@@ -35,7 +40,7 @@ class PmtuCache:
             return default
         mtu, until = entry
         if self._clock() >= until:
-            del self._mtu[peer]
+            self._mtu.pop(peer, None)       # another thread may have dropped it already
             return default
         return min(mtu, default)
 
