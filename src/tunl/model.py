@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import json
 from dataclasses import asdict, dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
@@ -214,3 +215,41 @@ def network(text: str, word: str) -> IPv4Network:
         return ipaddress.IPv4Network(text, strict=False)
     except ValueError:
         raise ConfigError(f'{word} "{text}": an IPv4 prefix is a.b.c.d/len') from None
+
+
+# Every device tunl makes carries its spec in its alias (IFLA_IFALIAS), "tunl:" and compact
+# JSON: the record a restarted tunld takes its tunnels back from, and the mark of a device tunl
+# may change. `ip link show` prints it.
+ALIAS_PREFIX = "tunl:"
+IFALIASZ = 256
+
+
+def alias_record(alias: str | None) -> dict | None:
+    """The JSON record of a tunl alias, None for any other alias."""
+    if not alias or not alias.startswith(ALIAS_PREFIX):
+        return None
+    try:
+        record = json.loads(alias[len(ALIAS_PREFIX):])
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def spec_to_alias(spec: TunnelSpec, **extra) -> str:
+    alias = ALIAS_PREFIX + json.dumps({**spec.to_compact(), **extra}, separators=(",", ":"))
+    if len(alias.encode()) >= IFALIASZ:
+        raise ConfigError(f"{spec.name}: its settings do not fit the {IFALIASZ - 1} bytes of "
+                          "the device alias where tunl keeps them (a shorter PRL will)")
+    return alias
+
+
+def spec_from_alias(alias: str | None) -> TunnelSpec | None:
+    """The spec a tunl alias records; None for another alias or one that no longer parses."""
+    record = alias_record(alias)
+    if record is None:
+        return None
+    record.pop("dataplane", None)
+    try:
+        return TunnelSpec.from_dict(record)
+    except (ValueError, TypeError, ConfigError):
+        return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..errors import UnsupportedError
-from ..model import TunnelMode, TunnelSpec
+from ..model import ALIAS_PREFIX, TunnelMode, TunnelSpec
 
 
 def kernel_tunnels():
@@ -38,7 +38,7 @@ def userspace_devices() -> bool:
     for path in glob.glob("/sys/class/net/*/ifalias"):
         try:
             with open(path) as f:
-                if f.read().startswith("tunl:") and os.path.exists(
+                if f.read().startswith(ALIAS_PREFIX) and os.path.exists(
                         os.path.join(os.path.dirname(path), "tun_flags")):
                     return True
         except OSError:

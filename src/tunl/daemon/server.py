@@ -26,32 +26,12 @@ from ..errors import (ConfigError, ExistsError, ForeignDeviceError, NotFoundErro
 from ..kernel import Kernel, RouteWatcher
 from ..kernel.netlink import disable_ipv6, no_link_local
 from ..tunnel import modes
-from ..model import TunnelMode, TunnelSpec
-from . import ALIAS_PREFIX, CONTROL_ADDRESS
+from ..model import TunnelMode, TunnelSpec, spec_from_alias, spec_to_alias
+from . import CONTROL_ADDRESS
 
 log = logging.getLogger("tunl.daemon")
 
 UNDERLAY_MTU = 1500   # ETH_DATA_LEN: the kernel's guess when a tunnel has no underlay device
-
-
-IFALIASZ = 256
-
-
-def spec_to_alias(spec: TunnelSpec) -> str:
-    alias = ALIAS_PREFIX + json.dumps(spec.to_compact(), separators=(",", ":"))
-    if len(alias.encode()) >= IFALIASZ:
-        raise ConfigError(f"{spec.name}: its settings do not fit the {IFALIASZ - 1} bytes of "
-                          "the device alias where tunl keeps them (a shorter PRL will)")
-    return alias
-
-
-def spec_from_alias(alias: str | None) -> TunnelSpec | None:
-    if not alias or not alias.startswith(ALIAS_PREFIX):
-        return None
-    try:
-        return TunnelSpec.from_dict(json.loads(alias[len(ALIAS_PREFIX):]))
-    except (ValueError, TypeError, TunlError):
-        return None
 
 
 class Tunld:

@@ -69,8 +69,12 @@ class TunnelPlane:
             old, self.sock = self.sock, rawsock.sender(spec.dev)
             if old is not None:
                 old.close()
+        old = getattr(self, "codec", None)
         self.spec = spec
         self.codec = modes.codec_for(spec)
+        for seq in ("o_seqno", "i_seqno"):     # ip_tunnel_update() keeps them
+            if hasattr(old, seq) and hasattr(self.codec, seq):
+                setattr(self.codec, seq, getattr(old, seq))
         self.proto = self.codec.proto
         self.remote = spec.remote.packed if spec.remote else None
         # isatap asks the next hop even with a remote (ipip6_tunnel_xmit())

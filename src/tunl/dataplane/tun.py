@@ -37,7 +37,11 @@ def create(name: str) -> int:
         if e.errno == errno.EBUSY:
             raise ExistsError(f'add tunnel "{name}" failed: File exists') from e
         raise LinkError("create tun", name, e.errno) from e
-    fcntl.ioctl(fd, TUNSETPERSIST, 1)
+    try:
+        fcntl.ioctl(fd, TUNSETPERSIST, 1)
+    except OSError as e:
+        os.close(fd)
+        raise LinkError("persist tun", name, e.errno) from e
     os.set_blocking(fd, False)
     return fd
 

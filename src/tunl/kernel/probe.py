@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..model import alias_record
+
 # ARPHRD_* of include/uapi/linux/if_arp.h: what /sys/class/net/X/type says about a tunnel.
 # vti devices are ARPHRD_TUNNEL too; only netlink's IFLA_INFO_KIND tells them from ipip.
 ARPHRD_KIND = {768: "ipip", 769: "ip6tnl", 776: "sit", 778: "gre", 823: "ip6gre"}
 TUNNEL_KINDS = {"ipip", "gre", "gretap", "erspan", "sit", "vti", "ip6tnl", "ip6gre",
                 "ip6gretap", "ip6erspan", "vti6"}
 IFF_UP = 0x1
-ALIAS_PREFIX = "tunl:"          # daemon.ALIAS_PREFIX: tunld keeps each spec in the device alias
 
 # The fallback device each module creates in every network namespace (ipip_init_net(),
 # ipgre_init_net(), sit_init_net(), vti_init_net()): its presence proves the module is in.
@@ -248,16 +249,6 @@ def _ipv4_hw(text: str | None) -> str | None:
     return str(addr) if int(addr) else None
 
 
-def _spec(alias: str) -> dict | None:
-    if not alias.startswith(ALIAS_PREFIX):
-        return None
-    try:
-        spec = json.loads(alias[len(ALIAS_PREFIX):])
-    except ValueError:
-        return None
-    return spec if isinstance(spec, dict) else None
-
-
 def link(root: Path, name: str, kinds: dict[str, str]) -> Link | None:
     d = f"sys/class/net/{name}"
     index, arphrd = read_int(root, f"{d}/ifindex"), read_int(root, f"{d}/type")
@@ -267,7 +258,7 @@ def link(root: Path, name: str, kinds: dict[str, str]) -> Link | None:
     kind = kinds.get(name) if kinds.get(name) in TUNNEL_KINDS else ARPHRD_KIND.get(arphrd)
     alias = read(root, f"{d}/ifalias") or ""
     carrier = read_int(root, f"{d}/carrier")
-    spec = _spec(alias)
+    spec = alias_record(alias)
     # a kernel tunnel's dev_addr and broadcast are its local and remote (ipip_tunnel_init(),
     # ipgre_tunnel_init(), ipip6_tunnel_init()); tunl's userspace tunnel keeps them in its spec
     local, remote = ((_ipv4_hw(read(root, f"{d}/address")), _ipv4_hw(read(root, f"{d}/broadcast")))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
-import json
 import os
 import socket
 import struct
@@ -18,9 +17,8 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import ConfigError, ExistsError, ForeignDeviceError, LinkError, NotFoundError
-from ..model import TunnelMode, TunnelSpec
+from ..model import TunnelMode, TunnelSpec, spec_from_alias, spec_to_alias
 
-ALIAS_PREFIX = "tunl:"
 KIND = {TunnelMode.IPIP: "ipip", TunnelMode.GRE: "gre", TunnelMode.SIT: "sit",
         TunnelMode.ISATAP: "sit", TunnelMode.VTI: "vti"}
 MODULE = {"ipip": "ipip", "gre": "ip_gre", "sit": "sit", "vti": "ip_vti"}
@@ -74,11 +72,6 @@ def _info_data(spec: TunnelSpec) -> dict:
                  sit_6rd_relay_prefix=str(relay.network_address),
                  sit_6rd_relay_prefixlen=relay.prefixlen)
     return d
-
-
-def _alias(spec: TunnelSpec) -> str:
-    return ALIAS_PREFIX + json.dumps({**spec.to_compact(), "dataplane": "kernel"},
-                                     separators=(",", ":"))
 
 
 class KernelTunnels:
@@ -166,13 +159,11 @@ class KernelTunnels:
         msg = self._link(name)
         if msg is None or self._kind(msg) not in KINDS:
             return None
-        alias = msg.get_attr("IFLA_IFALIAS") or ""
-        if not alias.startswith(ALIAS_PREFIX):
+        spec = spec_from_alias(msg.get_attr("IFLA_IFALIAS"))
+        if spec is None:
             raise ForeignDeviceError(f"{name} exists but tunl did not create it; tunl does not "
                                      "modify a device it did not create")
-        d = json.loads(alias[len(ALIAS_PREFIX):])
-        d.pop("dataplane", None)
-        return TunnelSpec.from_dict(d)
+        return spec
 
     def add(self, spec: TunnelSpec) -> None:
         if self._link(spec.name) is not None:
@@ -190,7 +181,7 @@ class KernelTunnels:
                 if e.code == 17 else ""
             raise LinkError("add tunnel", spec.name, e.code, detail) from e
         try:
-            self._ipr.link("set", ifname=spec.name, ifalias=_alias(spec))
+            self._set(spec.name, ifalias=spec_to_alias(spec, dataplane="kernel"))
             for addr, default in spec.prl:
                 self._prl(SIOCADDPRL, spec.name, addr, default)
         except BaseException:
@@ -205,22 +196,28 @@ class KernelTunnels:
             raise ConfigError(f"mode {spec.mode.value}: {spec.name} is a {old.mode.value} "
                               "tunnel; change cannot switch modes (delete and add it)")
         kw = _info_data(spec)
-        try:
-            self._ipr.link("set", ifname=spec.name, kind=KIND[spec.mode], **kw)
-        except NetlinkError as e:
-            raise LinkError("change tunnel", spec.name, e.code) from e
+        self._set(spec.name, kind=KIND[spec.mode], **kw)
         for addr, default in old.prl:
             if (addr, default) not in spec.prl:
                 self._prl(SIOCDELPRL, spec.name, addr, default)
         for addr, default in spec.prl:
             if (addr, default) not in old.prl:
                 self._prl(SIOCADDPRL, spec.name, addr, default)
-        self._ipr.link("set", ifname=spec.name, ifalias=_alias(spec))
+        self._set(spec.name, ifalias=spec_to_alias(spec, dataplane="kernel"))
+
+    def _set(self, name: str, **kw) -> None:
+        try:
+            self._ipr.link("set", ifname=name, **kw)
+        except NetlinkError as e:
+            raise LinkError("change tunnel", name, e.code) from e
 
     def delete(self, name: str) -> None:
         if self.owned(name) is None:
             raise NotFoundError(f'delete tunnel "{name}" failed: No such device')
-        self._ipr.link("del", ifname=name)
+        try:
+            self._ipr.link("del", ifname=name)
+        except NetlinkError as e:
+            raise LinkError("delete tunnel", name, e.code) from e
 
     def names(self) -> list[str]:
         return sorted(m.get_attr("IFLA_IFNAME") for m in self._ipr.get_links()
