@@ -91,6 +91,7 @@ def test_a_deleted_gateway_is_forgotten(o2m):
     a = o2m["A"]
     before = a.counters()["collisions"]
     a.run("ip route del 10.42.3.0/24 && ip route add 10.42.3.0/24 dev tunl0")
+    time.sleep(0.1)          # routes take effect within 100 ms
     try:
         assert a.ping("10.42.3.1").returncode != 0
         assert a.counters()["collisions"] > before
