@@ -82,6 +82,7 @@ def test_route_change_moves_the_outer_destination(o2m):
         assert f"IP {UL['A']} > {UL['B']}: IP 10.42.1.0 > 10.42.3.1" in out, out
     finally:
         a.run(f"ip route change 10.42.3.0/24 via {UL['C']} dev tunl0 onlink")
+        time.sleep(0.1)
     assert a.ping("10.42.3.1").returncode == 0
 
 
@@ -97,4 +98,5 @@ def test_a_deleted_gateway_is_forgotten(o2m):
         assert a.counters()["collisions"] > before
     finally:
         a.run(f"ip route replace 10.42.3.0/24 via {UL['C']} dev tunl0 onlink")
+        time.sleep(0.1)
     assert a.ping("10.42.3.1").returncode == 0
