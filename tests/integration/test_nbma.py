@@ -58,14 +58,15 @@ def test_inner_source_is_the_tunnel_address_and_outer_destination_the_gateway(o2
     assert f"IP {UL['A']} > {UL['C']}: IP 10.42.1.0 > 10.42.3.1: ICMP echo request" in out, out
 
 
-def test_a_route_added_takes_effect_within_100_ms(o2m):
+def test_a_route_added_takes_effect_for_the_very_next_packet(o2m):
+    """The ping leaves a few milliseconds after the route is in the kernel, maybe before
+    tunld's mirror of the routes has it: the data plane then asks the kernel itself."""
     a = o2m["A"]
     a.run("ip route del 10.42.2.0/24")
     try:
         assert a.ping("10.42.2.1").returncode != 0
     finally:
-        # one packet, sent 100 ms after the route is in the kernel, must cross
-        p = a.run(f"ip route add 10.42.2.0/24 via {UL['B']} dev tunl0 onlink && sleep 0.1 && "
+        p = a.run(f"ip route add 10.42.2.0/24 via {UL['B']} dev tunl0 onlink && "
                   "ping -n -c 1 -W 2 10.42.2.1", check=False)
     assert p.returncode == 0, p.stdout + p.stderr
 

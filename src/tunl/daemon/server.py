@@ -38,17 +38,17 @@ class Tunld:
     def __init__(self):
         self.kernel = Kernel()
         self._per_thread = threading.local()
-        self.engine = Engine(time.monotonic, self._route_oif)
+        self.engine = Engine(time.monotonic, self._route_via)
         self.lock = threading.Lock()
         self.watcher: RouteWatcher | None = None
         self.running = True
 
-    def _route_oif(self, dst: str) -> int | None:
+    def _route_via(self, dst: str):
         """For the data plane's threads: each gets its own netlink socket."""
         k = getattr(self._per_thread, "kernel", None)
         if k is None:
             k = self._per_thread.kernel = Kernel()
-        return k.route_oif(dst)
+        return k.route_via(dst)
 
     # -- lifecycle --------------------------------------------------------------------------
 

@@ -57,6 +57,7 @@ class TunnelPlane:
         self.fib4 = Fib()
         self.fib6 = Fib(bits=128)
         self.loops: dict[bytes, bool] = {}   # outer destination -> routed into this device?
+        self.asked: dict[bytes, bytes] = {}  # inner destination -> next hop the kernel gave
         self.up = False
         self.sock = None
         self.stopping = False
@@ -109,12 +110,12 @@ class TunnelPlane:
 
 
 class Engine:
-    """route_oif(dst) -> the ifindex the kernel routes an IPv4 address out of (None when
-    unroutable); the daemon gives it, since only kernel/ talks netlink."""
+    """route_via(dst) -> (ifindex, gateway) the kernel routes an IPv4 address through (None
+    when unroutable); the daemon gives it, since only kernel/ talks netlink."""
 
     def __init__(self, clock: Callable[[], float],
-                 route_oif: Callable[[str], int | None] = lambda dst: None):
-        self.route_oif = route_oif
+                 route_via: Callable[[str], tuple | None] = lambda dst: None):
+        self.route_via = route_via
         self.tunnels: dict[str, TunnelPlane] = {}
         self.pmtu = PmtuCache(clock)
         self._unmatched: list[Counter] = []    # received packets no tunnel took, by reason
@@ -191,7 +192,7 @@ class Engine:
             reindex = True
         if v6 != t.fib6.routes:
             t.fib6 = Fib(v6, bits=128)
-        t.loops = {}                       # routes changed: ask the kernel again
+        t.loops, t.asked = {}, {}          # routes changed: ask the kernel again
         if hasattr(t.codec, "set_prefixes"):
             t.codec.set_prefixes(prefixes)
         t.mtu = mtu
@@ -261,7 +262,8 @@ class Engine:
             # ip_tunnel_xmit(): an outer packet the kernel would route into this very device
             if len(t.loops) > 4096:
                 t.loops = {}
-            loops = t.loops[dst] = self.route_oif(addr[0]) == t.ifindex
+            via = self.route_via(addr[0])
+            loops = t.loops[dst] = via is not None and via[0] == t.ifindex
         if loops:
             t.count_tx_drop(Drop.DEAD_LOOP, "collisions")                 # DeadLoop
             return
@@ -281,13 +283,27 @@ class Engine:
         c.tx_packets += 1
         c.tx_bytes += n
 
-    @staticmethod
-    def _nbma_dst(t: TunnelPlane, buf, ver: int) -> bytes | None:
+    def _asked_dst(self, t: TunnelPlane, inner_dst: bytes) -> bytes | None:
+        """The kernel routed this packet here before the mirror of its routes caught up (a
+        route just added): ask the kernel for the next hop, and remember the answer until the
+        routes change again."""
+        hop = t.asked.get(inner_dst)
+        if hop is None:
+            via = self.route_via(socket.inet_ntoa(inner_dst))
+            hop = (via[1] or inner_dst) if via is not None and via[0] == t.ifindex else inner_dst
+            if len(t.asked) > 4096:
+                t.asked = {}
+            t.asked[inner_dst] = hop
+        return hop
+
+    def _nbma_dst(self, t: TunnelPlane, buf, ver: int) -> bytes | None:
         """The outer destination of a tunnel without remote: the next hop of the route."""
         H = HEADROOM
         if ver == 4:
             inner_dst = bytes(buf[H + 16:H + 20])
-            _found, gw = t.fib4.lookup(int.from_bytes(inner_dst, "big"))
+            found, gw = t.fib4.lookup(int.from_bytes(inner_dst, "big"))
+            if not found:
+                return self._asked_dst(t, inner_dst)
             return gw if gw is not None else inner_dst       # rt_nexthop()
         inner_dst = bytes(buf[H + 24:H + 40])
         _found, gw = t.fib6.lookup(int.from_bytes(inner_dst, "big"))

@@ -94,12 +94,15 @@ class Kernel:
                                            strict=False)
                      for m in self._ipr.get_addr(family=socket.AF_INET6, index=ifindex))
 
-    def route_oif(self, dst: str) -> int | None:
-        """The ifindex the kernel routes dst out of; None when it cannot route it."""
+    def route_via(self, dst: str) -> tuple[int, bytes | None] | None:
+        """(ifindex, gateway) the kernel routes an IPv4 address through; None when it cannot
+        route it."""
         try:
-            return self._ipr.route("get", dst=dst)[0].get_attr("RTA_OIF")
+            m = self._ipr.route("get", dst=dst)[0]
         except NetlinkError:
             return None
+        gw = m.get_attr("RTA_GATEWAY")
+        return m.get_attr("RTA_OIF"), socket.inet_aton(gw) if gw else None
 
     def route_get(self, dst: str) -> tuple[str | None, int]:
         """The device the kernel would send to dst through, and that device's MTU."""
