@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 
 import pytest
 
-TUNL = "/work/main/.venv/bin/tunl"
+TUNL = os.path.join(os.path.dirname(sys.executable), "tunl")   # the guest sees the host's files
 HERE = os.path.dirname(os.path.abspath(__file__))
 # the kernel gives a tunnel made over netlink (ip_tunnel_newlink()) no MTU bounds, where the
 # ioctl path (__ip_tunnel_create()) sets 68 and 65535 minus the headers
