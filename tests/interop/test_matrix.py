@@ -35,8 +35,8 @@ def pings(rig, record, case, host, host_in, guest_in, v6=False):
 
 def tcp(rig, record, case, host, guest_in):
     """2 MB from the host side to a sink in the guest; the digests must agree."""
-    rig.guest(f"rm -f /tmp/sink.out; python3 -c {shlex.quote(SINK)} {guest_in} "
-              "> /tmp/sink.out 2>&1 &")
+    rig.guest(f"rm -f /run/sink.out; python3 -c {shlex.quote(SINK)} {guest_in} "
+              "> /run/sink.out 2>&1 &")
     for _ in range(100):        # the guest's Python takes a moment to listen
         if "5555" in rig.guest("ss -Hltn 'sport = :5555'", check=False):
             break
@@ -49,7 +49,7 @@ def tcp(rig, record, case, host, guest_in):
              f"s.sendfile(open(\"{blob}\",\"rb\"));s.close()'", timeout=120)
     digest = ""
     for _ in range(100):
-        digest = rig.guest("cat /tmp/sink.out", check=False).strip()
+        digest = rig.guest("cat /run/sink.out", check=False).strip()
         if digest:
             break
         time.sleep(0.1)
