@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from .errors import ConfigError, ExistsError, NotFoundError
@@ -197,17 +197,6 @@ class Route:
     dst: IPv4Network | IPv6Network
     gateway: IPv4Address | IPv6Address | None = None
     table: int = 254
-
-
-@dataclass(frozen=True)
-class TunnelStatus:
-    """What `show` reports of one tunnel: its spec and where it lives."""
-
-    spec: TunnelSpec
-    dataplane: str = "userspace"
-    ifindex: int = 0
-    mtu: int = 0
-    counters: dict = field(default_factory=dict)
 
 
 def network(text: str, word: str) -> IPv4Network:

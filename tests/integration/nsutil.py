@@ -144,3 +144,24 @@ def _delete(ns: str) -> None:
 
 def q(s: str) -> str:
     return shlex.quote(s)
+
+
+def lab_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`tunl lab ARGS` with this interpreter."""
+    return subprocess.run([sys.executable, "-m", "tunl.lab.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def namespaces(lab: str) -> list[str]:
+    """The namespaces of a lab that exist now."""
+    from tunl.lab import netns
+    return sorted(ns for ns in netns.list_ns() if ns.startswith(f"tl-{lab}-"))
+
+
+def alive(pid: int) -> bool:
+    """A process that is there and not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False

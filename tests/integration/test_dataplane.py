@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from nsutil import TUNL, Net
+from nsutil import Net
 
 pytestmark = pytest.mark.root
 if os.geteuid() != 0:

@@ -13,7 +13,6 @@ import re
 import select
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -31,28 +30,11 @@ if _missing:
 
 from tunl.lab import control, demo, netns, topology  # noqa: E402
 
-from nsutil import Host  # noqa: E402
+from nsutil import Host, alive, lab_cli, namespaces  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
 _NAME = re.compile(r'^name\s*=\s*"[^"]*"', re.MULTILINE)
-
-
-def lab_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tunl.lab.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def namespaces(lab: str) -> list[str]:
-    return sorted(ns for ns in netns.list_ns() if ns.startswith(f"tl-{lab}-"))
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def ping(host: Host, target: str, count: int = 2, source: str = "") -> subprocess.CompletedProcess:

@@ -23,27 +23,11 @@ if os.geteuid() != 0:
 if shutil.which("ip") is None:
     pytest.skip("needs iproute2 (ip)", allow_module_level=True)
 
-from tunl.lab import control, netns  # noqa: E402
+from tunl.lab import control  # noqa: E402
+
+from nsutil import alive, lab_cli, namespaces  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def lab_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tunl.lab.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def namespaces(lab: str) -> list[str]:
-    return sorted(ns for ns in netns.list_ns() if ns.startswith(f"tl-{lab}-"))
-
-
-def alive(pid: int) -> bool:
-    """A process that is there and not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def topology(lab: str, a_commands=(), b_commands=(), container: str = "c1") -> str:

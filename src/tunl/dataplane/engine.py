@@ -221,7 +221,7 @@ class Engine:
         buf = bytearray(HEADROOM + MAX_PACKET)
         view = memoryview(buf)
         into = [view[HEADROOM:]]
-        fd, H = t.fd, HEADROOM
+        fd = t.fd
         readv = os.readv
         waiter = select.poll()
         waiter.register(fd, select.POLLIN)

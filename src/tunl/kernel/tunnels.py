@@ -17,13 +17,13 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import ConfigError, ExistsError, ForeignDeviceError, LinkError, NotFoundError
+from ..wire.gre import CSUM as GRE_CSUM, KEY as GRE_KEY, SEQ as GRE_SEQ
 from ..model import TunnelMode, TunnelSpec, spec_from_alias, spec_to_alias
 
 KIND = {TunnelMode.IPIP: "ipip", TunnelMode.GRE: "gre", TunnelMode.SIT: "sit",
         TunnelMode.ISATAP: "sit", TunnelMode.VTI: "vti"}
 MODULE = {"ipip": "ipip", "gre": "ip_gre", "sit": "sit", "vti": "ip_vti"}
 KINDS = frozenset(KIND.values())
-GRE_CSUM, GRE_KEY, GRE_SEQ = 0x8000, 0x2000, 0x1000      # include/uapi/linux/if_tunnel.h
 SIT_ISATAP = 0x0001
 SIOCGETPRL, SIOCADDPRL, SIOCDELPRL = 0x89F4, 0x89F5, 0x89F6
 PRL_DEFAULT = 0x0001

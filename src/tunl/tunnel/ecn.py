@@ -1,5 +1,5 @@
 """ECN across a tunnel, as include/net/inet_ecn.h does it (RFC 6040)."""
-from ..wire.checksum import inet_checksum
+from ..wire.ipv4 import fix_checksum
 
 NOT_ECT, ECT_1, ECT_0, CE = 0, 1, 2, 3
 MASK = 3
@@ -35,10 +35,7 @@ def _set(buf, off: int, codepoint: int) -> None:
         buf[off + 1] = (buf[off + 1] & ~(MASK << 4)) | (codepoint << 4)
         return
     buf[off + 1] = (buf[off + 1] & ~MASK) | codepoint
-    hlen = (buf[off] & 0x0F) * 4
-    buf[off + 10] = buf[off + 11] = 0
-    c = inet_checksum(memoryview(buf)[off:off + hlen])
-    buf[off + 10], buf[off + 11] = c >> 8, c & 0xFF
+    fix_checksum(buf, off)
 
 
 def set_ce(buf, off: int) -> None:

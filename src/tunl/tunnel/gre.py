@@ -35,7 +35,7 @@ from ..wire.gre import CSUM, ETH_P_IP, ETH_P_IPV6, KEY, SEQ
 from ..wire.ipv4 import IPV4_HLEN, PROTO_GRE
 from .outer import HEADROOM, Outer, check_inner, inner_version, validate_outer
 
-__all__ = ["HEADROOM", "PROTO", "GreCodec", "GreEncap", "demux", "decap", "overhead"]
+__all__ = ["HEADROOM", "PROTO", "GreCodec", "demux", "decap", "overhead"]
 
 PROTO = PROTO_GRE
 MAX_TOTAL = 0xFFFF
@@ -131,7 +131,6 @@ class GreCodec:
         return check_inner(buf, ihl + hlen, end, version, buf[1])
 
 
-GreEncap = GreCodec
 
 
 def demux(buf, n: int):

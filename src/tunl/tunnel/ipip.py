@@ -8,7 +8,7 @@ from __future__ import annotations
 from ..model import TunnelSpec
 from ..wire.drop import Drop
 from ..wire.ipv4 import IPV4_HLEN, PROTO_IPIP
-from .outer import HEADROOM, Outer, check_inner, validate_outer
+from .outer import HEADROOM, Outer, check_inner, keyless_demux, validate_outer
 
 __all__ = ["HEADROOM", "OVERHEAD", "IpipCodec", "IpipEncap", "demux", "decap"]
 
@@ -51,10 +51,7 @@ def outer_df(buf, off: int) -> bool:
 
 def demux(buf, n: int):
     """(header length, end, key, context) of a received packet for the tunnel lookup."""
-    r = validate_outer(buf, n, PROTO_IPIP)
-    if r.__class__ is Drop:
-        return r
-    return r[0], r[1], None, None
+    return keyless_demux(buf, n, PROTO_IPIP)
 
 
 def decap(buf, n: int) -> tuple[int, int] | Drop:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import Sequence, TypeVar
 
+from .outer import ANY
+
 T = TypeVar("T")
-ANY = b"\0\0\0\0"
 
 
 def lookup(tunnels: Sequence[tuple[bytes, bytes, T]], src: bytes, dst: bytes) -> T | None:

@@ -57,6 +57,14 @@ def validate_outer(buf, n: int, proto: int) -> tuple[int, int] | Drop:
     return (v[0] & 0x0F) * 4, (v[2] << 8) | v[3]
 
 
+def keyless_demux(buf, n: int, proto: int):
+    """demux() of a mode without keys (ipip, sit): the outer checks, no key, no context."""
+    r = validate_outer(buf, n, proto)
+    if r.__class__ is Drop:
+        return r
+    return r[0], r[1], None, None
+
+
 def check_inner(buf, off: int, end: int, version: int, outer_tos: int) -> tuple[int, int] | Drop:
     """Check the inner packet buf[off:end] of the given IP version and decapsulate ECN in
     place; returns (offset, length) of the inner packet without any padding."""

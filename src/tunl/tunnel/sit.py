@@ -16,12 +16,11 @@ from __future__ import annotations
 from ipaddress import IPv4Address, IPv6Address, IPv6Interface, IPv6Network
 
 from ..model import TunnelMode, TunnelSpec
-from ..wire import icmpv6
-from ..wire.checksum import inet_checksum
+from ..wire import icmpv6, ipv4
 from ..wire.drop import Drop
-from ..wire.ipv4 import DF, IPV4_HLEN, OFF_CSUM, OFF_FRAG, PROTO_IPV6
+from ..wire.ipv4 import DF, IPV4_HLEN, OFF_FRAG, PROTO_IPV6
 from ..wire.ipv6 import IPV6_HLEN, MIN_MTU, NH_ICMPV6
-from .outer import HEADROOM, Outer, check_inner, validate_outer
+from .outer import HEADROOM, Outer, check_inner, keyless_demux
 
 __all__ = ["CODEC", "HEADROOM", "OVERHEAD", "PROTO", "SitCodec", "decap", "demux",
            "is_isatap", "isatap_address", "isatap_iid", "packet_too_big", "too_big"]
@@ -259,9 +258,7 @@ class SitCodec:
         self.outer.write(buf, start, off, n + IPV4_HLEN, PROTO_IPV6, dst, ident)
         if clear_df:
             buf[start + OFF_FRAG] &= ~(DF >> 8) & 0xFF
-            buf[start + OFF_CSUM] = buf[start + OFF_CSUM + 1] = 0
-            c = inet_checksum(memoryview(buf)[start:start + IPV4_HLEN])
-            buf[start + OFF_CSUM], buf[start + OFF_CSUM + 1] = c >> 8, c & 0xFF
+            ipv4.fix_checksum(buf, start)
         return start
 
     # -- ingress --------------------------------------------------------------------------------
@@ -304,10 +301,7 @@ CODEC = SitCodec
 
 def demux(buf, n: int):
     """(header length, end, key, context) of a received packet for the tunnel lookup."""
-    r = validate_outer(buf, n, PROTO_IPV6)
-    if r.__class__ is Drop:
-        return r
-    return r[0], r[1], None, None
+    return keyless_demux(buf, n, PROTO_IPV6)
 
 
 def decap(buf, n: int, codec: SitCodec) -> tuple[int, int] | Drop:

@@ -30,7 +30,6 @@ ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 ETH_P_WCCP = 0x883E                     # Cisco WCCP redirection, decoded as IPv4
 ETH_P_ERSPAN, ETH_P_ERSPAN2 = 0x88BE, 0x22EB
 BASE_HLEN = 4
-MAX_HLEN = 16
 
 
 def header_len(flags: int) -> int:

@@ -46,9 +46,15 @@ def pack_header_into(buf, off: int, *, tos: int, total_len: int, ident: int, fra
                      ttl: int, proto: int, src: bytes, dst: bytes) -> None:
     """Write a 20-byte header with its checksum at buf[off:off+20]."""
     HDR.pack_into(buf, off, 0x45, tos, total_len, ident, frag, ttl, proto, 0, src, dst)
-    csum = inet_checksum(memoryview(buf)[off:off + IPV4_HLEN])
-    buf[off + OFF_CSUM] = csum >> 8
-    buf[off + OFF_CSUM + 1] = csum & 0xFF
+    fix_checksum(buf, off)
+
+
+def fix_checksum(buf, off: int) -> None:
+    """Recompute the header checksum of the IPv4 header at buf[off:] in place."""
+    hlen = (buf[off] & 0x0F) * 4
+    buf[off + OFF_CSUM] = buf[off + OFF_CSUM + 1] = 0
+    c = inet_checksum(memoryview(buf)[off:off + hlen])
+    buf[off + OFF_CSUM], buf[off + OFF_CSUM + 1] = c >> 8, c & 0xFF
 
 
 @dataclass(frozen=True)
