@@ -103,3 +103,92 @@ class IPv4Header:
 def build(src, dst, proto: int, payload: bytes, **kw) -> bytes:
     """A whole IPv4 packet; src and dst as strings or IPv4Address."""
     return IPv4Header(IPv4Address(src), IPv4Address(dst), proto, **kw).build(payload)
+
+
+# ---- fragmentation (slow path) -------------------------------------------------------------
+
+IPOPT_END, IPOPT_NOOP, IPOPT_COPY = 0, 1, 0x80
+IP_MAX_LEN = 0xFFFF
+
+
+def fragment(packet, mtu: int) -> list[bytes] | Drop:
+    """Split one IPv4 packet into fragments of at most mtu bytes, like ip_do_fragment()'s slow
+    path (RFC 791 §3.2, "An Example Fragmentation Procedure").
+
+    Total length is authoritative: bytes after it are padding and are not sent. A packet that
+    fits comes back whole (without its padding), DF set or not. One that does not fit is dropped
+    as TOO_BIG if it has DF (like ip_fragment(): the caller sends ICMP fragmentation needed) or
+    if mtu cannot carry its header and 8 bytes of data. A packet that fails validate() returns
+    that reason.
+    """
+    why = validate(packet)
+    if why is not None:
+        return why
+    v = memoryview(packet)
+    hlen = (v[0] & 0x0F) * 4
+    total = (v[OFF_TOTLEN] << 8) | v[OFF_TOTLEN + 1]
+    if total <= mtu:
+        return [bytes(v[:total])]
+    frag_off = (v[OFF_FRAG] << 8) | v[OFF_FRAG + 1]
+    room = mtu - hlen                        # data bytes a fragment can carry
+    if frag_off & DF or room < 8:
+        return Drop.TOO_BIG
+    offset = (frag_off & OFFSET_MASK) * 8    # in bytes; nonzero when fragmenting a fragment
+    if offset + total - hlen > IP_MAX_LEN:
+        # The datagram it belongs to would end past 65535 bytes: no receiver can reassemble it
+        # (ip_frag_reasm() drops it as oversized) and its later offsets would not fit 13 bits.
+        return Drop.BAD_LENGTH
+    more = frag_off & MF                     # a fragment that was not the last keeps MF on all
+
+    first_header = bytes(v[:hlen])
+    # Options are fixed up once, and only when the packet starts the datagram: a later fragment
+    # already carries only copied options (the "dirty, but effective trick" of ip_frag_ipcb()).
+    later_header = _options_fragment(first_header) if offset == 0 else first_header
+
+    out = []
+    ptr, left = hlen, total - hlen
+    while left > 0:
+        n = min(left, room)
+        if n < left:
+            n &= ~7                          # all but the last carry a multiple of 8 bytes
+        left -= n
+        buf = bytearray(hlen + n)
+        buf[:hlen] = later_header if out else first_header
+        buf[hlen:] = v[ptr:ptr + n]
+        # like ip_frag_next(): the new field holds the offset and MF only; DF is known clear
+        # here and the reserved bit is not copied
+        flags = MF if left or more else 0
+        struct.pack_into("!H", buf, OFF_TOTLEN, hlen + n)
+        struct.pack_into("!H", buf, OFF_FRAG, flags | (offset >> 3))
+        fix_checksum(buf, 0)
+        out.append(bytes(buf))
+        ptr += n
+        offset += n
+    return out
+
+
+def _options_fragment(header: bytes) -> bytes:
+    """The header for every fragment after the first: like Linux ip_options_fragment(), each
+    option without the copy bit (RFC 791 §3.1: copied flag 0x80) is overwritten with IPOPT_NOOP
+    bytes, so the header keeps its length and all fragments but the first share one header.
+    (RFC 791 lets a sender drop such options and shorten the header; neither Linux nor tunl does.)
+    The walk stops, as Linux's does, at End of Option List or at an option whose length is bad.
+    """
+    h = bytearray(header)
+    i, end = IPV4_HLEN, len(h)
+    while i < end:
+        kind = h[i]
+        if kind == IPOPT_END:
+            break
+        if kind == IPOPT_NOOP:
+            i += 1
+            continue
+        if i + 1 >= end:
+            break
+        n = h[i + 1]
+        if n < 2 or n > end - i:
+            break
+        if not kind & IPOPT_COPY:
+            h[i:i + n] = bytes([IPOPT_NOOP]) * n
+        i += n
+    return bytes(h)
