@@ -8,6 +8,7 @@
     ├── UnsupportedError           a valid request this data plane cannot carry out
     ├── LinkError                  the kernel refused a change (keeps the kernel's errno)
     └── DaemonError                tunld could not be reached or started
+        └── NoDaemonError          no tunld runs here (and none was to be started)
 
 The data plane never raises on a bad packet: it drops and counts (see dataplane.counters).
 Exceptions are for bad configuration and for bugs.
@@ -42,6 +43,10 @@ class DaemonError(TunlError):
     pass
 
 
+class NoDaemonError(DaemonError):
+    pass
+
+
 class LinkError(TunlError):
     """The kernel refused an operation; `code` is its errno."""
 
@@ -56,4 +61,5 @@ class LinkError(TunlError):
 # name of each error class, so that tunld can send an error over its socket and the CLI
 # can raise the same class again
 BY_NAME = {c.__name__: c for c in (TunlError, ConfigError, NotFoundError, ExistsError,
-                                    ForeignDeviceError, UnsupportedError, DaemonError)}
+                                    ForeignDeviceError, UnsupportedError, DaemonError,
+                                    NoDaemonError)}
