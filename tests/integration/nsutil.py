@@ -123,6 +123,22 @@ class Net:
         self.names.clear()
 
 
+A_UL, B_UL = "172.16.232.172", "172.16.232.194"      # the walkthrough's underlay
+
+
+def one_to_one(net: Net) -> tuple[Host, Host]:
+    """The walkthrough's one-to-one ipip tunnel: hosts A (10.42.1.1/24) and B (10.42.2.1/24)
+    on an underlay bridge, each routing the other's /24 into tunl0."""
+    a, b = net.host("A"), net.host("B")
+    net.underlay({a: f"{A_UL}/16", b: f"{B_UL}/16"})
+    for h, me, peer, mine, theirs in ((a, A_UL, B_UL, "10.42.1", "10.42.2"),
+                                      (b, B_UL, A_UL, "10.42.2", "10.42.1")):
+        h.tunl(f"tunnel add tunl0 mode ipip remote {peer} local {me}")
+        h.run(f"ip addr add {mine}.1/24 dev tunl0 && ip link set tunl0 up && "
+              f"ip route add {theirs}.0/24 dev tunl0")
+    return a, b
+
+
 def _delete(ns: str) -> None:
     pids = sh(f"ip netns pids {ns}", check=False).stdout.split()
     for pid in pids:

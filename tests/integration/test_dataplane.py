@@ -11,31 +11,25 @@ import json
 import os
 import random
 import re
+import shlex
 import signal
 import time
 
 import pytest
 
-from nsutil import Net
+from nsutil import A_UL, B_UL, Net, one_to_one
 
 pytestmark = pytest.mark.root
 if os.geteuid() != 0:
     pytest.skip("needs root for network namespaces and TUN devices", allow_module_level=True)
 
-A_UL, B_UL = "172.16.232.172", "172.16.232.194"
 
 
 @pytest.fixture(scope="module")
 def o2o():
     net = Net()
     try:
-        a, b = net.host("A"), net.host("B")
-        net.underlay({a: f"{A_UL}/16", b: f"{B_UL}/16"})
-        for h, me, peer, mine, theirs in ((a, A_UL, B_UL, "10.42.1", "10.42.2"),
-                                          (b, B_UL, A_UL, "10.42.2", "10.42.1")):
-            h.tunl(f"tunnel add tunl0 mode ipip remote {peer} local {me}")
-            h.run(f"ip addr add {mine}.1/24 dev tunl0 && ip link set tunl0 up && "
-                  f"ip route add {theirs}.0/24 dev tunl0")
+        a, b = one_to_one(net)
         # a container behind A, on a bridge that is not the tunnel's subnet
         # (a jumbo link, so that what is too big is too big for the tunnel, not for the container)
         a.run("ip link add mybr0 type bridge && ip addr add 10.42.11.1/24 dev mybr0 && "
@@ -115,18 +109,18 @@ def test_50_mb_tcp_transfer_arrives_intact(o2o, tmp_path):
     assert got.strip() == hashlib.sha256(data).hexdigest()
 
 
-def test_kill_9_of_tunld_loses_nothing_and_restart_brings_traffic_back(o2o):
+def test_kill_9_of_tunld_loses_nothing_and_traffic_comes_back_by_itself(o2o):
     _, a, _, _ = o2o
     pid = a.tunld_pid()
     os.kill(pid, signal.SIGKILL)
-    time.sleep(0.2)
-    assert a.ping("10.42.2.1").returncode != 0, "traffic flowed without its data plane"
     assert "10.42.1.1/24" in a.run("ip addr show tunl0").stdout
     assert "10.42.2.0/24 dev tunl0" in a.run("ip route").stdout
-    # any tunl command starts a new tunld, which takes the tunnel back
-    assert a.tunl("tunnel show").stdout.startswith("tunl0: ip/ip remote")
+    # nothing typed: the supervisor starts a new data plane, which takes the tunnel back
+    deadline = time.monotonic() + 5
+    while a.ping("10.42.2.1", extra="-W 0.1").returncode != 0:
+        assert time.monotonic() < deadline, "traffic did not come back by itself"
     assert a.tunld_pid() != pid
-    assert a.ping("10.42.2.1", count=2).returncode == 0
+    assert a.tunl("tunnel show").stdout.startswith("tunl0: ip/ip remote")
 
 
 def test_change_sets_a_fixed_ttl_seen_on_the_wire(o2o):
@@ -197,9 +191,10 @@ def test_bad_requests_get_one_line_and_change_nothing(o2o, words, message):
 def test_the_control_socket_answers_root_only(o2o):
     _, a, _, _ = o2o
     a.tunld_pid()     # running
-    probe = ("import socket,json;s=socket.socket(socket.AF_UNIX);s.connect('\\0tunl/tunld');"
-             "s.sendall(b'{\"op\":\"del\",\"name\":\"tunl0\"}\\n');print(s.recv(4096).decode())")
-    p = a.run(f"setpriv --reuid=65534 --regid=65534 --clear-groups python3 -c \"{probe}\"")
+    # tunld answers a refused peer before it reads a byte: this one sends nothing at all
+    probe = ("import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect('\\0tunl/tunld')\n"
+             "print(s.recv(4096).decode())\n")
+    p = a.run(f"setpriv --reuid=65534 --regid=65534 --clear-groups python3 -c {shlex.quote(probe)}")
     reply = json.loads(p.stdout)
     assert reply["ok"] is False and "root only" in reply["message"]
     assert [t["ifname"] for t in a.tunnels()] == ["tunl0"]

@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-from ..errors import ConfigError, DaemonError, NotFoundError, TunlError
+from ..errors import ConfigError, NoDaemonError, NotFoundError, TunlError
 from ..model import TunnelSpec
 from . import grammar, planes, show
 
@@ -101,7 +101,7 @@ def show_tunnels(f: dict, opts: dict) -> int:
         except NotFoundError:
             if not found and f.get("name"):
                 raise
-        except DaemonError:
+        except NoDaemonError:
             if f.get("name") and not found:
                 raise NotFoundError(f'get tunnel "{f["name"]}" failed: No such device') from None
     found = [t for t in found if all(
@@ -136,7 +136,8 @@ def do_daemon(argv: list[str], opts: dict) -> int:
         except TunlError as e:
             print(str(e))
             return 0
-        print(f"tunld {st['pid']} stopping; its tunnels stay and the next tunl command takes them back")
+        print(f"tunld {st['pid']} stopping; its userspace tunnels stay but carry no traffic "
+              "until tunld runs again (any tunl command starts it)")
         return 0
     raise ConfigError(f'"{verb}": unknown command; tunl daemon {{ status | start | stop }}')
 

@@ -2,10 +2,9 @@
 userspace tunnels. `auto` takes the kernel where it has (or can load) the mode's module."""
 from __future__ import annotations
 
-import os
 
 from ..errors import UnsupportedError
-from ..model import ALIAS_PREFIX, TunnelMode, TunnelSpec
+from ..model import TunnelMode, TunnelSpec
 
 
 def kernel_tunnels():
@@ -32,18 +31,10 @@ def call(op: str, autostart: bool = True, **args):
 
 
 def userspace_devices() -> bool:
-    """Whether this namespace has a TUN device tunld made (its alias says "tunl:"): then a
-    `show` starts tunld to take it back; otherwise it need not start one."""
-    import glob
-    for path in glob.glob("/sys/class/net/*/ifalias"):
-        try:
-            with open(path) as f:
-                if f.read().startswith(ALIAS_PREFIX) and os.path.exists(
-                        os.path.join(os.path.dirname(path), "tun_flags")):
-                    return True
-        except OSError:
-            continue
-    return False
+    """Whether tunld's record says this namespace has userspace tunnels: then a `show`
+    starts tunld to take them back; otherwise it need not start one."""
+    from ..daemon.state import State
+    return State().has_tunnels()
 
 
 def kernel_owner(name: str) -> TunnelSpec | None:

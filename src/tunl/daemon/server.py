@@ -1,19 +1,20 @@
-"""tunld: the daemon of one network namespace.
+"""tunld's data-plane process, one per network namespace (its supervisor starts it).
 
-It holds the TUN queues of the namespace's userspace tunnels and runs their data plane. Its
-state is the devices themselves: each TUN device it creates is persistent and carries its tunnel
-spec in its alias (`ip link show` prints it), so a tunld started after a crash or `kill -9`
-finds every tunnel, address and route where it was and takes them back.
+It holds the TUN queues of the namespace's userspace tunnels and runs their data plane. The
+TUN devices it creates are persistent, so their addresses and routes outlive the process;
+which devices are tunl's, with which spec, is recorded in a root-only state file (daemon/
+state.py), and the alias `ip link show` prints is a copy for people. A process started after a
+crash or `kill -9` takes every tunnel back from that record.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
+import resource
+import select
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
@@ -23,40 +24,90 @@ from ..dataplane import tun
 from ..dataplane.engine import Engine
 from ..errors import (ConfigError, ExistsError, ForeignDeviceError, NotFoundError, TunlError,
                       UnsupportedError)
-from ..kernel import Kernel, RouteWatcher
+from ..dataplane.ratelimit import RateLimitedLog
+from ..kernel import Kernel, rtnl
 from ..kernel.netlink import disable_ipv6, no_link_local
 from ..tunnel import modes
 from ..model import TunnelMode, TunnelSpec, spec_from_alias, spec_to_alias
-from . import CONTROL_ADDRESS
+from .client import log_path
+from .control import ControlServer, check_request
+from .mirror import Changes, Mirror
+from .process import STOP, name_process, recv_partner, spawn
+from .state import State
 
 log = logging.getLogger("tunl.daemon")
+LOG = RateLimitedLog(log)
 
 UNDERLAY_MTU = 1500   # ETH_DATA_LEN: the kernel's guess when a tunnel has no underlay device
+PATH_REFRESH = 1.0    # seconds: paths to outer destinations are looked up again this often
+COALESCE = 0.05       # seconds: the data plane's route tables are rebuilt at most this often
+AF_INET6 = socket.AF_INET6
+
+# the requests tunld takes: op -> argument -> (JSON types, required)
+SPEC = (dict, True)
+DATAPLANE = (str, False)
+OPS = {
+    "add": {"spec": SPEC, "dataplane": DATAPLANE},
+    "change": {"spec": SPEC, "dataplane": DATAPLANE},
+    "del": {"name": (str, True)},
+    "prl": {"name": (str, True), "action": (str, True), "addr": (str, True),
+            "default": (bool, True)},
+    "sixrd": {"name": (str, True), "prefix": ((str, type(None)), True),
+              "relay": ((str, type(None)), True)},
+    "show": {"name": ((str, type(None)), False)},
+    "routes": {"name": (str, True)},
+    "status": {},
+    "shutdown": {},
+}
 
 
 class Tunld:
-    def __init__(self):
+    """The data-plane process of a namespace's tunld: the engine, the mirror of the kernel
+    state it needs, and the control socket."""
+
+    def __init__(self, state: State | None = None):
         self.kernel = Kernel()
+        self.state = state or State()
+        self.records: dict[str, tuple[int, TunnelSpec]] = {}
         self._per_thread = threading.local()
         self.engine = Engine(time.monotonic, self._route_via)
+        self.mirror = Mirror()
         self.lock = threading.Lock()
-        self.watcher: RouteWatcher | None = None
         self.running = True
+        self._stop_r, self._stop_w = os.pipe()
+        self._watcher = threading.Thread(target=self._watch, name="kernel-events", daemon=True)
+        self._events: rtnl.Events | None = None
+        self.resyncs = 0
+        self.supervisor_pid = 0
+        self.stop_requested = False
+        self.log_path = log_path()
 
-    def _route_via(self, dst: str):
-        """For the data plane's threads: each gets its own netlink socket."""
-        k = getattr(self._per_thread, "kernel", None)
-        if k is None:
-            k = self._per_thread.kernel = Kernel()
-        return k.route_via(dst)
+    def _rtnl(self) -> rtnl.Rtnl:
+        r = getattr(self._per_thread, "rtnl", None)
+        if r is None:
+            r = self._per_thread.rtnl = rtnl.Rtnl()
+        return r
+
+    def _route_via(self, dst: str, src: str | None = None):
+        """For the data plane's threads (each with its own netlink socket): the kernel's
+        route to dst from src, as (ifindex, gateway, path MTU), None if it has none."""
+        got = self._rtnl().route_get(dst, src)
+        if isinstance(got, int):
+            return None
+        mtu = got.mtu or self.mirror.mtu(got.oif) or UNDERLAY_MTU
+        return got.oif, got.gateway.packed if got.gateway else None, mtu
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def reclaim(self) -> None:
-        """Take back the tunnels a previous tunld of this namespace created."""
-        for link in self.kernel.links():
-            spec = spec_from_alias(link.alias)
-            if link.kind != "tun" or spec is None or spec.name != link.name:
+        """Take back the tunnels this namespace's tunld made, by its own record: the device
+        must still be a TUN device with the same ifindex. An alias changed by hand is put
+        back; a device that only claims to be tunl's (its alias) is left alone."""
+        links = {link.name: link for link in self.kernel.links()}
+        for name, (ifindex, spec) in self.state.load().items():
+            link = links.get(name)
+            if link is None or link.kind != "tun" or link.index != ifindex:
+                log.warning("%s is gone or is another device now; forgetting it", name)
                 continue
             try:
                 fd = tun.attach(link.name)
@@ -69,79 +120,148 @@ class Tunld:
                 os.close(fd)
                 log.error("cannot take back %s: %s", link.name, e)
                 continue
+            self.records[name] = (ifindex, spec)
+            if link.alias != spec_to_alias(spec):
+                self.kernel.set_link(name, alias=spec_to_alias(spec))
+                log.warning("%s: its alias was changed; put back", name)
             log.info("took back %s", link.name)
+        for link in links.values():
+            if link.name not in self.records and spec_from_alias(link.alias) is not None:
+                log.warning("%s has a tunl alias but tunl did not create it; left alone",
+                            link.name)
+        self._save()
 
-    def resync(self, k: Kernel) -> None:
-        """Mirror each tunnel's routes, state and MTU from the kernel (on every event)."""
-        with self.lock:
-            for name in list(self.engine.tunnels):
-                link = k.link(name)
-                if link is None or link.kind != "tun":      # deleted behind our back
-                    os.close(self.engine.remove(name))
-                    log.info("%s was deleted", name)
-                    continue
-                self.engine.set_state(name, k.routes(link.index), link.up, link.mtu,
-                                      k.prefixes6(link.index))
+    def _save(self) -> None:
+        self.state.save(self.records)
 
-    def serve(self) -> None:
-        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            srv.bind(CONTROL_ADDRESS)
-        except OSError:
-            log.info("another tunld already serves this network namespace")
-            return
-        srv.listen(16)
-        self.reclaim()
-        self.engine.start()
-        self.watcher = RouteWatcher(self.resync)
-        self.watcher.start()
-        log.info("tunld %d serving %d tunnel(s)", os.getpid(), len(self.engine.tunnels))
-        srv.settimeout(0.5)
+    def _record(self, t) -> None:
+        self.records[t.spec.name] = (t.ifindex, t.spec)
+        self._save()
+
+    # -- kernel events ----------------------------------------------------------------------
+
+    def _watched(self) -> set[int]:
+        return {t.ifindex for t in self.engine.tunnels.values()}
+
+    def _resync(self, r: rtnl.Rtnl) -> None:
+        """Everything from full dumps: at start and after the event socket overflowed."""
+        self.resyncs += 1
+        want = self._watched()
+        changes = self.mirror.load(want, r.dump_routes(want), r.dump_links(),
+                                   r.dump_addrs(AF_INET6))
+        self._apply(changes)
+
+    def _apply(self, ch) -> None:
+        by_index = {t.ifindex: t for t in self.engine.tunnels.values()}
+        for index in ch.gone:
+            t = by_index.pop(index, None)
+            if t is not None:
+                self._forget(t.spec.name)
+                log.info("%s was deleted", t.spec.name)
+        for index in ch.routes | ch.prefixes | ch.links:
+            t = by_index.get(index)
+            link = self.mirror.links.get(index)
+            if t is None or link is None:
+                continue
+            self.engine.set_state(
+                t.spec.name,
+                self.mirror.tunnel_routes(index) if index in ch.routes else None,
+                link.up, link.mtu,
+                self.mirror.tunnel_prefixes(index) if index in ch.prefixes else None)
+        if ch.any:
+            self.engine.paths_changed()
+
+    def _forget(self, name: str) -> None:
+        t = self.engine.tunnels.get(name)
+        if t is not None:
+            self.mirror.unwatch(t.ifindex)
+            os.close(self.engine.remove(name))
+        if self.records.pop(name, None) is not None:
+            self._save()
+
+    def _watch(self) -> None:
+        """Follow the kernel's events. The mirror takes each batch at once (dict updates), and
+        so does the data plane for links, addresses and paths; its route tables are rebuilt
+        at most every COALESCE seconds, so that a burst of routes costs a few rebuilds, not
+        one per route (meanwhile the data plane asks the kernel about a route it lacks)."""
+        r = self._rtnl()
+        poller = select.poll()
+        poller.register(self._events.fileno(), select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        routes: set[int] = set()          # tunnels whose route table waits to be rebuilt
+        last_push = 0.0
         while self.running:
+            if routes:
+                timeout = max(0.0, last_push + COALESCE - time.monotonic())
+            else:
+                timeout = PATH_REFRESH
+            ready = poller.poll(timeout * 1000)
+            if any(fd == self._stop_r for fd, _ in ready):
+                return
             try:
-                conn, _ = srv.accept()
-            except TimeoutError:
-                continue
-            except InterruptedError:
-                continue
-            with conn:
-                conn.settimeout(5)
-                self._serve_one(conn)
-        srv.close()
-        self.watcher.stop()
-        self.engine.stop()       # closes the queues; the persistent devices stay
+                with self.lock:
+                    if ready:
+                        msgs = self._events.read(self._watched())
+                        if msgs is None:                 # overflow: events were lost
+                            log.warning("kernel events overflowed; resynchronising")
+                            self._resync(r)
+                            routes = set()
+                            last_push = time.monotonic()
+                            continue
+                        ch = self.mirror.apply(msgs)
+                        routes |= ch.routes
+                        ch.routes = set()
+                        self._apply(ch)
+                    elif not routes:
+                        # a second without events: look paths up again, for the MTUs the
+                        # kernel learns and forgets (route exceptions) on its own
+                        self.engine.paths_changed()
+                        continue
+                    if routes and time.monotonic() >= last_push + COALESCE:
+                        self._apply(Changes(routes=routes))
+                        routes = set()
+                        last_push = time.monotonic()
+            except Exception:         # a bug must not stop the mirror: log it, go on
+                LOG.exception("kernel events", key="events")
+                routes = set()
 
-    def _serve_one(self, conn: socket.socket) -> None:
-        _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET,
-                                                              socket.SO_PEERCRED, 12))
-        data = b""
-        try:
-            while not data.endswith(b"\n"):
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
-        except OSError:
-            return
-        try:
-            if uid != 0:
-                raise TunlError("tunld answers root only (Operation not permitted)")
-            req = json.loads(data)
-            op = req.pop("op")
-            handler = getattr(self, "op_" + op, None)
-            if handler is None:
-                raise ConfigError(f'op "{op}": tunld does not know it')
-            with self.lock:
-                reply = {"ok": True, "result": handler(**req)}
-        except TunlError as e:
-            reply = {"ok": False, "error": type(e).__name__, "message": str(e)}
-        except Exception as e:  # a bug: keep serving, tell the caller
-            log.exception("request failed")
-            reply = {"ok": False, "error": "TunlError", "message": f"tunld: internal error: {e!r}"}
-        try:
-            conn.sendall(json.dumps(reply).encode())
-        except OSError:
-            pass
+    def _watch_tunnel(self, t) -> None:
+        r = self._rtnl()
+        self.mirror.watch(t.ifindex, r.dump_routes({t.ifindex}),
+                          [a for a in r.dump_addrs(AF_INET6) if a.index == t.ifindex])
+        link = self.kernel.link(t.spec.name)
+        if link is not None:
+            self.engine.set_state(t.spec.name, self.mirror.tunnel_routes(t.ifindex), link.up,
+                                  link.mtu, self.mirror.tunnel_prefixes(t.ifindex))
+
+    # -- serving ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Take the tunnels back and start moving their packets."""
+        # before the dump, so that no change falls in between; TUNLD_EVENT_RCVBUF (bytes)
+        # shrinks its buffer, to see an overflow handled
+        size = os.environ.get("TUNLD_EVENT_RCVBUF", "")
+        self._events = (rtnl.Events(rcvbuf=int(size)) if size.isdigit() else rtnl.Events())
+        self.reclaim()
+        with self.lock:
+            self._resync(self._rtnl())
+        self.engine.start()
+        self._watcher.start()
+        log.info("tunld %d serving %d tunnel(s)", os.getpid(), len(self.engine.tunnels))
+
+    def stop(self) -> None:
+        self.running = False
+        os.write(self._stop_w, b"x")
+        if self._watcher.is_alive():
+            self._watcher.join(2)
+        self.engine.stop()       # closes the queues; the persistent devices stay
+        if self._events is not None:
+            self._events.close()
+
+    def handle(self, req: dict, uid: int) -> object:
+        op, args = check_request(req, OPS)
+        with self.lock:
+            return getattr(self, "op_" + op)(**args)
 
     # -- operations -------------------------------------------------------------------------
 
@@ -170,7 +290,7 @@ class Tunld:
         return mtu
 
     def op_add(self, spec: dict, dataplane: str = "auto") -> dict:
-        s = TunnelSpec.from_dict(spec)
+        s = _spec(spec)
         self._check_dataplane(s, dataplane)
         if self.kernel.link(s.name) is not None:
             raise ExistsError(f'add tunnel "{s.name}" failed: File exists')
@@ -192,8 +312,9 @@ class Tunld:
         except BaseException:
             tun.destroy(fd)
             raise
-        self.engine.add(s, fd, link.index, link.mtu)
-        self.engine.set_state(s.name, [], link.up, link.mtu)
+        t = self.engine.add(s, fd, link.index, link.mtu)
+        self._record(t)
+        self._watch_tunnel(t)
         return self._status(s.name)
 
     def _ours(self, name: str, verb: str):
@@ -206,7 +327,7 @@ class Tunld:
         raise NotFoundError(f'{verb} tunnel "{name}" failed: No such device')
 
     def op_change(self, spec: dict, dataplane: str = "auto") -> dict:
-        s = TunnelSpec.from_dict(spec)
+        s = _spec(spec)
         t = self._ours(s.name, "change")
         if s.mode is not t.spec.mode:
             raise ConfigError(f"mode {s.mode.value}: {s.name} is a {t.spec.mode.value} tunnel; "
@@ -219,12 +340,13 @@ class Tunld:
     def _respec(self, t, new: TunnelSpec) -> dict:
         self.kernel.set_link(new.name, alias=spec_to_alias(new))
         self.engine.reconfigure(new)
+        self._record(t)
         return self._status(new.name)
 
     def op_prl(self, name: str, action: str, addr: str, default: bool) -> dict:
         """SIOCADDPRL / SIOCDELPRL on an isatap tunnel (ipip6_tunnel_add_prl(), _del_prl())."""
         t = self._ours(name, "prl")
-        return self._respec(t, t.spec.prl_changed(action, IPv4Address(addr), default))
+        return self._respec(t, t.spec.prl_changed(action, _addr(addr, "prl"), default))
 
     def op_sixrd(self, name: str, prefix: str | None, relay: str | None) -> dict:
         """SIOCADD6RD / SIOCDEL6RD (ipip6_tunnel_update_6rd()); no prefix: 6rd-reset."""
@@ -232,13 +354,19 @@ class Tunld:
         if t.spec.mode not in (TunnelMode.SIT, TunnelMode.ISATAP):
             raise ConfigError(f"6rd on {name}: {name} is a {t.spec.mode.value} tunnel; 6rd is "
                               "for sit tunnels")
-        new = t.spec.with_(ip6rd_prefix=IPv6Network(prefix) if prefix else None,
-                           ip6rd_relay_prefix=IPv4Network(relay) if relay else None)
+        try:
+            new = t.spec.with_(ip6rd_prefix=IPv6Network(prefix) if prefix else None,
+                               ip6rd_relay_prefix=IPv4Network(relay) if relay else None)
+        except ValueError as e:
+            raise ConfigError(f"6rd: {e}") from e
         return self._respec(t, new)
 
     def op_del(self, name: str) -> dict:
-        self._ours(name, "delete")
+        t = self._ours(name, "delete")
+        self.mirror.unwatch(t.ifindex)
         fd = self.engine.remove(name)
+        self.records.pop(name, None)
+        self._save()
         tun.destroy(fd)
         return {"deleted": name}
 
@@ -255,31 +383,113 @@ class Tunld:
         return [self._status(n) for n in sorted(self.engine.tunnels)]
 
     def op_status(self) -> dict:
-        return {"pid": os.getpid(), "tunnels": sorted(self.engine.tunnels),
-                "engine": self.engine.stats()}
+        return {"pid": os.getpid(), "supervisor": self.supervisor_pid,
+                "tunnels": sorted(self.engine.tunnels), "engine": self.engine.stats(),
+                "threads": threading.active_count(), "resyncs": self.resyncs,
+                "log": self.log_path}
+
+    def op_routes(self, name: str) -> list[list]:
+        """The route mirror of one tunnel, as [destination, gateway, table] (for checks)."""
+        t = self._ours(name, "get")
+        return sorted([str(r.dst), str(r.gateway) if r.gateway else None, r.table]
+                      for r in t.fib4.routes + t.fib6.routes)
 
     def op_shutdown(self) -> dict:
+        """An orderly stop of the whole daemon: the supervisor is told not to restart it."""
         self.running = False
-        return {"pid": os.getpid()}
+        self.stop_requested = True
+        return {"pid": os.getpid(), "supervisor": self.supervisor_pid}
+
+
+def _spec(d: dict) -> TunnelSpec:
+    """A tunnel spec from a request: its own rules (ConfigError), and a clean error for a
+    request no tunl command would send."""
+    try:
+        return TunnelSpec.from_dict(d)
+    except TunlError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise ConfigError(f'argument "spec": not a tunnel spec ({e})') from e
+
+
+def _addr(text: str, word: str) -> IPv4Address:
+    try:
+        return IPv4Address(text)
+    except ValueError as e:
+        raise ConfigError(f'{word} "{text}": not an IPv4 address') from e
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="tunld", description="tunl's daemon for this network namespace")
+    """The data-plane process; the supervisor starts it. Run without a control socket to
+    hand, it is `tunld` itself (the supervisor)."""
+    ap = argparse.ArgumentParser(prog="tunld", description="tunl's daemon: the data plane")
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--service", action="store_true")
+    ap.add_argument("--listen-fd", type=int)
+    ap.add_argument("--partner-fd", type=int)
+    ap.add_argument("--supervisor-pid", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.listen_fd is None or args.partner_fd is None:
+        from . import supervisor
+        return supervisor.main(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s tunld[%(process)d] %(levelname)s %(message)s")
+    name_process("data plane")
     sys.setswitchinterval(0.0005)   # hand the GIL over quickly between ingress and egress
+    _raise_fd_limit()
+    listener = socket.socket(fileno=args.listen_fd)
+    partner = socket.socket(fileno=args.partner_fd)
+    partner.setblocking(False)
     try:
         d = Tunld()
-        signal.signal(signal.SIGTERM, lambda *_: setattr(d, "running", False))
-        d.serve()
-    except KeyboardInterrupt:
-        pass
     except (TunlError, OSError) as e:
         print(f"tunld: {e}", file=sys.stderr)
         return 1
+    d.supervisor_pid = args.supervisor_pid
+    signal.signal(signal.SIGTERM, lambda *_: setattr(d, "running", False))
+    signal.signal(signal.SIGINT, lambda *_: setattr(d, "running", False))
+    d.start()
+    control = ControlServer(listener, d.handle)
+    supervisors = []          # supervisors this process started (to reap them)
+    try:
+        while d.running:
+            control.serve(0.2)
+            said = recv_partner(partner)
+            if said and STOP in said:
+                d.running = False            # the supervisor stops us in order
+            elif said == b"":
+                partner.close()
+                if args.service:
+                    log.info("the supervisor ended; so does the data plane")
+                    d.running = False
+                    break
+                log.error("the supervisor (pid %d) died; starting a new one",
+                          d.supervisor_pid)
+                proc, partner = spawn("tunl.daemon.supervisor",
+                                      (["-v"] if args.verbose else []) +
+                                      ["--adopt", str(os.getpid())], listener)
+                partner.setblocking(False)
+                d.supervisor_pid = proc.pid
+                supervisors.append(proc)
+            supervisors = [p for p in supervisors if p.poll() is None]
+        if d.stop_requested:
+            try:
+                partner.sendall(STOP)        # tell the supervisor not to start another
+            except OSError:
+                pass
+            control.serve(0.2)               # the answer to `tunl daemon stop`
+    finally:
+        d.stop()
+        control.close()
+    log.info("data plane %d stopped", os.getpid())
     return 0
+
+
+def _raise_fd_limit() -> None:
+    """Two descriptors per tunnel (its queue, its state in the epoll): lift the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 if __name__ == "__main__":

@@ -1,23 +1,28 @@
 """The userspace forwarding engine of one network namespace.
 
-Egress, one thread per tunnel: TUN read → outer destination (the remote, or for NBMA the
-next hop of the mirrored kernel route) → path MTU check → the mode's codec writes its headers
-in the headroom → raw socket send.
+Egress, one thread for every tunnel (epoll over their TUN queues): TUN read → outer destination
+(the remote, or for NBMA the next hop of the mirrored kernel route) → the path to it, as the
+kernel's route lookup gives it (device, MTU; the `local` address must still be this host's)
+→ path MTU check (tnl_update_pmtu()) → the mode's codec writes its headers in the headroom →
+raw socket send.
 Ingress, one thread per outer protocol (4, 47, 41): raw receive → the codec module's demux
 (outer checks, GRE key) → tunnel lookup (ip_tunnel_lookup()) → the tunnel's codec checks and
 decapsulates → TUN write. One more thread learns path MTUs from ICMP.
 
 Threads block in system calls (releasing the GIL) and never raise on a bad packet: they drop
-and count. Tables the hot path reads (routes, the lookup lists) are immutable snapshots that
-the control thread replaces whole.
+and count. The number of threads does not grow with the number of tunnels. Tables the hot
+path reads (routes, the lookup lists, paths) are snapshots that the control thread replaces
+whole.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
 import socket
 import threading
+import time
 from collections import Counter
 from typing import Callable
 
@@ -26,17 +31,20 @@ from ..tunnel import modes
 from ..tunnel.lookup import lookup
 from ..tunnel.outer import ANY, HEADROOM, v4_compatible
 from ..tunnel.pmtu import PmtuCache
-from ..wire import icmp, icmpv6
+from ..wire import icmp, icmpv6, ipv4
 from ..wire.drop import Drop
 from ..wire.ipv4 import IPV4_HLEN, PROTO_GRE, PROTO_ICMP, PROTO_IPIP, PROTO_IPV6
 from ..wire.ipv6 import IPV6_HLEN, MIN_MTU as IPV6_MIN_MTU
 from . import rawsock
 from .counters import Counters
 from .fib import Fib
+from .ratelimit import RateLimitedLog
 
-log = logging.getLogger("tunl.dataplane")
+LOG = RateLimitedLog(logging.getLogger("tunl.dataplane"))
 
 MAX_PACKET = 65535
+BATCH = 64          # packets read from one queue before the next queue's turn
+MAX_PATHS = 4096    # remembered outer destinations per tunnel (NBMA: one per next hop)
 TUNNEL_PROTOS = (PROTO_IPIP, PROTO_GRE, PROTO_IPV6)
 MIN_LEN = {4: IPV4_HLEN, 6: IPV6_HLEN}
 
@@ -46,9 +54,9 @@ RX_COUNTER = {Drop.CSUM_MISMATCH: "rx_crc_errors", Drop.BAD_CSUM: "rx_crc_errors
 
 
 class TunnelPlane:
-    """The runtime of one tunnel: its device queue, socket, codec, routes and counters."""
+    """The runtime of one tunnel: its device queue, codec, routes, paths and counters."""
 
-    def __init__(self, spec: TunnelSpec, fd: int, ifindex: int, mtu: int):
+    def __init__(self, spec: TunnelSpec, fd: int, ifindex: int, mtu: int, sender):
         self.fd = fd
         self.ifindex = ifindex
         self.mtu = mtu
@@ -56,20 +64,16 @@ class TunnelPlane:
         self.ident = 0
         self.fib4 = Fib()
         self.fib6 = Fib(bits=128)
-        self.loops: dict[bytes, bool] = {}   # outer destination -> routed into this device?
+        # outer destination -> (Drop or None, path MTU): the kernel's route lookup, remembered
+        # until routes, links or addresses change (or a second passes, for learned MTUs)
+        self.paths: dict[bytes, tuple] = {}
         self.asked: dict[bytes, bytes] = {}  # inner destination -> next hop the kernel gave
         self.up = False
-        self.sock = None
         self.stopping = False
-        self._wake_r, self._wake_w = os.pipe()
-        self.thread: threading.Thread | None = None
-        self.configure(spec)
+        self.configure(spec, sender)
 
-    def configure(self, spec: TunnelSpec) -> None:
-        if self.sock is None or spec.dev != self.spec.dev:
-            old, self.sock = self.sock, rawsock.sender(spec.dev)
-            if old is not None:
-                old.close()
+    def configure(self, spec: TunnelSpec, sender) -> None:
+        self.sock = sender
         old = getattr(self, "codec", None)
         self.spec = spec
         self.codec = modes.codec_for(spec)
@@ -78,12 +82,13 @@ class TunnelPlane:
                 setattr(self.codec, seq, getattr(old, seq))
         self.proto = self.codec.proto
         self.remote = spec.remote.packed if spec.remote else None
+        self.local = str(spec.local) if spec.local else None
         # isatap asks the next hop even with a remote (ipip6_tunnel_xmit())
         self.fixed_dst = self.remote is not None and spec.mode is not TunnelMode.ISATAP
         self.addr = (str(spec.remote), 0) if spec.remote else None
         self.endpoints = (spec.local.packed if spec.local else ANY,
                           spec.remote.packed if spec.remote else ANY)
-        self.loops = {}
+        self.paths = {}
 
     def count_rx_drop(self, why: Drop) -> None:
         c = self.counters
@@ -100,21 +105,15 @@ class TunnelPlane:
             setattr(c, field, getattr(c, field) + 1)
         c.tx_drop[why] += 1
 
-    def wake(self) -> None:
-        os.write(self._wake_w, b"x")
-
-    def close(self) -> None:
-        self.sock.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-
 
 class Engine:
-    """route_via(dst) -> (ifindex, gateway) the kernel routes an IPv4 address through (None
-    when unroutable); the daemon gives it, since only kernel/ talks netlink."""
+    """route_via(dst, src=None) -> (ifindex, gateway, mtu) of the kernel's route to an IPv4
+    address (from `src`, which must be an address of this host), None when the kernel cannot
+    route it; mtu is the path MTU the route gives (its mtu metric, else its device's). The
+    daemon gives it, since only kernel/ talks netlink."""
 
     def __init__(self, clock: Callable[[], float],
-                 route_via: Callable[[str], tuple | None] = lambda dst: None):
+                 route_via: Callable[..., tuple | None] = lambda dst, src=None: None):
         self.route_via = route_via
         self.tunnels: dict[str, TunnelPlane] = {}
         self.pmtu = PmtuCache(clock)
@@ -124,35 +123,69 @@ class Engine:
         self._tables: dict[int, dict] = {p: {} for p in TUNNEL_PROTOS}
         self._peers: frozenset = frozenset()
         self._receivers: dict[int, socket.socket] = {}
+        self._senders: dict[str | None, list] = {}     # dev -> [socket, users]
         self._stopping = False
         self._icmp = rawsock.receiver(PROTO_ICMP)
         self._wake_r, self._wake_w = os.pipe()
-        self._threads = [threading.Thread(target=self._icmp_loop, name="icmp", daemon=True)]
+        # egress: one epoll over every tunnel's queue; fd -> plane, replaced whole on change
+        self._kick_r, self._kick_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # egress only
+        self._epoll = select.epoll()
+        self._epoll.register(self._kick_r, select.EPOLLIN)
+        self._by_fd: dict[int, TunnelPlane] = {}
+        self._epoch = 0               # bumped each time the egress thread comes back from epoll
+        self._threads = [threading.Thread(target=self._icmp_loop, name="icmp", daemon=True),
+                         threading.Thread(target=self._egress, name="egress", daemon=True)]
+        self._started = False
 
     # -- control (called from the daemon's thread) ------------------------------------------
 
     def start(self) -> None:
-        self._threads[0].start()
+        for t in self._threads[:2]:
+            t.start()
+        self._started = True
 
     def stop(self) -> None:
         for name in list(self.tunnels):
             os.close(self.remove(name))
         self._stopping = True
         os.write(self._wake_w, b"x")
+        self._kick()
         for t in self._threads:
-            t.join(2)
+            if t.is_alive():
+                t.join(2)
         for sock in (self._icmp, *self._receivers.values()):
             sock.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._epoll.close()
+        for fd in (self._wake_r, self._wake_w, self._kick_r, self._kick_w):
+            os.close(fd)
+
+    def _kick(self) -> None:
+        try:
+            os.write(self._kick_w, b"x")
+        except BlockingIOError:
+            pass                 # already full of kicks: the thread wakes all the same
+
+    def _sender(self, dev: str | None):
+        """One raw sending socket per underlay device a tunnel is bound to (dev), shared."""
+        entry = self._senders.get(dev)
+        if entry is None:
+            entry = self._senders[dev] = [rawsock.sender(dev), 0]
+        entry[1] += 1
+        return entry[0]
+
+    def _release(self, dev: str | None) -> None:
+        entry = self._senders[dev]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._senders[dev]
+            entry[0].close()
 
     def add(self, spec: TunnelSpec, fd: int, ifindex: int, mtu: int) -> TunnelPlane:
-        t = TunnelPlane(spec, fd, ifindex, mtu)
+        t = TunnelPlane(spec, fd, ifindex, mtu, self._sender(spec.dev))
         self._receive(t.proto)
         self.tunnels[spec.name] = t
-        t.thread = threading.Thread(target=self._egress, args=(t,), name=f"egress-{spec.name}",
-                                    daemon=True)
-        t.thread.start()
+        self._by_fd = {**self._by_fd, fd: t}
+        self._epoll.register(fd, select.EPOLLIN)
         self._reindex()
         return t
 
@@ -167,38 +200,63 @@ class Engine:
         th.start()
 
     def reconfigure(self, spec: TunnelSpec) -> None:
-        self.tunnels[spec.name].configure(spec)
+        t = self.tunnels[spec.name]
+        old_dev = t.spec.dev
+        t.configure(spec, self._sender(spec.dev))
+        self._release(old_dev)
         self._reindex()
 
     def remove(self, name: str) -> int:
-        """Stop a tunnel's thread; returns its TUN fd for the caller to close or destroy."""
+        """Take a tunnel out of the data plane; returns its TUN fd for the caller to close or
+        destroy, once the egress thread can no longer be reading it."""
         t = self.tunnels.pop(name)
         self._reindex()
         t.stopping = True
-        t.wake()
-        if t.thread:
-            t.thread.join(2)
-        t.close()
+        by_fd = dict(self._by_fd)
+        by_fd.pop(t.fd, None)
+        self._by_fd = by_fd
+        try:
+            self._epoll.unregister(t.fd)
+        except OSError:
+            pass
+        if self._started and self._threads[1].is_alive():
+            # wait until the egress thread is back from epoll: then it holds no stale event
+            epoch = self._epoch
+            self._kick()
+            deadline = time.monotonic() + 2
+            while self._epoch == epoch and time.monotonic() < deadline:
+                time.sleep(0.001)
+        self._release(t.spec.dev)
         return t.fd
 
-    def set_state(self, name: str, routes: list[Route], up: bool, mtu: int,
-                  prefixes: tuple = ()) -> None:
+    def set_state(self, name: str, routes: list[Route] | None, up: bool, mtu: int,
+                  prefixes: tuple | None = None) -> None:
+        """The kernel's view of a tunnel device: its routes (None: unchanged), whether it is
+        up, its MTU and its IPv6 prefixes (None: unchanged)."""
         t = self.tunnels[name]
-        v4 = tuple(r for r in routes if r.dst.version == 4)
-        v6 = tuple(r for r in routes if r.dst.version == 6)
         reindex = up != t.up
-        if v4 != t.fib4.routes:
-            t.fib4 = Fib(v4)
-            reindex = True
-        if v6 != t.fib6.routes:
-            t.fib6 = Fib(v6, bits=128)
-        t.loops, t.asked = {}, {}          # routes changed: ask the kernel again
-        if hasattr(t.codec, "set_prefixes"):
+        if routes is not None:
+            v4 = tuple(r for r in routes if r.dst.version == 4)
+            v6 = tuple(r for r in routes if r.dst.version == 6)
+            if v4 != t.fib4.routes:
+                t.fib4 = Fib(v4)
+                reindex = True
+            if v6 != t.fib6.routes:
+                t.fib6 = Fib(v6, bits=128)
+            t.asked = {}                       # routes changed: ask the kernel again
+        if prefixes is not None and hasattr(t.codec, "set_prefixes"):
             t.codec.set_prefixes(prefixes)
         t.mtu = mtu
         t.up = up
         if reindex:
             self._reindex()
+
+    def paths_changed(self) -> None:
+        """Routes, links or addresses of the namespace changed: the path to every outer
+        destination is looked up again (the hot path finds an empty table and asks)."""
+        for t in list(self.tunnels.values()):
+            t.paths = {}
+            t.asked = {}
 
     def _reindex(self) -> None:
         # the hot path reads these tuples; replacing them whole needs no lock
@@ -217,30 +275,64 @@ class Engine:
 
     # -- egress -----------------------------------------------------------------------------
 
-    def _egress(self, t: TunnelPlane) -> None:
+    def _egress(self) -> None:
         buf = bytearray(HEADROOM + MAX_PACKET)
         view = memoryview(buf)
         into = [view[HEADROOM:]]
-        fd = t.fd
         readv = os.readv
-        waiter = select.poll()
-        waiter.register(fd, select.POLLIN)
-        waiter.register(t._wake_r, select.POLLIN)
-        while not t.stopping:
+        wake = self._kick_r
+        while not self._stopping:
             try:
-                n = readv(fd, into)
-            except BlockingIOError:
-                waiter.poll()
+                events = self._epoll.poll()
+            except InterruptedError:
                 continue
-            except OSError as e:
-                if not t.stopping:
-                    log.error("%s: reading the device failed: %s", t.spec.name, e)
-                return
-            try:
-                self._send(t, buf, view, n)
-            except Exception:          # a bug must not stop the tunnel: count it and go on
-                log.exception("%s: egress", t.spec.name)
-                t.count_tx_drop(Drop.INTERNAL)
+            except OSError:
+                return                           # closed by stop()
+            self._epoch += 1
+            by_fd = self._by_fd
+            for fd, _ev in events:
+                if fd == wake:
+                    try:
+                        os.read(wake, 4096)
+                    except OSError:
+                        pass
+                    continue
+                t = by_fd.get(fd)
+                if t is None:
+                    continue
+                for _ in range(BATCH):           # a fair share, then the next tunnel
+                    if t.stopping:
+                        break
+                    try:
+                        n = readv(fd, into)
+                    except BlockingIOError:
+                        break
+                    except OSError as e:
+                        if not t.stopping:
+                            LOG.error("%s: reading the device failed: %s", t.spec.name, e,
+                                      key=("read", t.spec.name))
+                        break
+                    try:
+                        self._send(t, buf, view, n)
+                    except Exception:     # a bug must not stop the tunnel: count it and go on
+                        LOG.exception("%s: egress", t.spec.name, key=("egress", t.spec.name))
+                        t.count_tx_drop(Drop.INTERNAL)
+
+    def _path(self, t: TunnelPlane, dst: bytes) -> tuple:
+        """(Drop or None, path MTU) to an outer destination, as ip_tunnel_xmit()'s route lookup
+        finds it: no route, or the `local` address gone from this host, is NoRoute; a route
+        back into this very device is DeadLoop."""
+        if len(t.paths) > MAX_PATHS:
+            t.paths = {}
+        via = self.route_via(socket.inet_ntoa(dst), t.local)
+        if via is None:
+            path = (Drop.NO_ROUTE, 0)
+        elif via[0] == t.ifindex:
+            path = (Drop.DEAD_LOOP, 0)
+        else:
+            path = (None, min(via[2] or MAX_PACKET, MAX_PACKET))
+        t.paths[dst] = path
+        return path
 
     def _send(self, t: TunnelPlane, buf, view, n: int) -> None:
         H = HEADROOM
@@ -257,31 +349,45 @@ class Engine:
                 t.count_tx_drop(Drop.NO_ROUTE, "tx_carrier_errors")       # NoRoute
                 return
             addr = (socket.inet_ntoa(dst), 0)
-        loops = t.loops.get(dst)
-        if loops is None:
-            # ip_tunnel_xmit(): an outer packet the kernel would route into this very device
-            if len(t.loops) > 4096:
-                t.loops = {}
-            via = self.route_via(addr[0])
-            loops = t.loops[dst] = via is not None and via[0] == t.ifindex
-        if loops:
-            t.count_tx_drop(Drop.DEAD_LOOP, "collisions")                 # DeadLoop
+        path = t.paths.get(dst) or self._path(t, dst)
+        why, mtu = path
+        if why is not None:
+            t.count_tx_drop(why, "collisions" if why is Drop.DEAD_LOOP else "tx_carrier_errors")
             return
-        if len(self.pmtu) and self._too_big(t, view, n, ver, dst):
+        if len(self.pmtu):
+            mtu = self.pmtu.get(dst, mtu)
+        if n + codec.overhead > mtu:
+            self._too_big(t, buf, view, n, ver, dst, addr, mtu)
             return
+        if not self._encap_send(t, buf, view, H, n, dst, addr):
+            # EMSGSIZE: the path shrank before the event reached us; the inner packet is
+            # still intact behind the headroom, so answer it as the new path MTU says
+            why, mtu = self._path(t, dst)
+            if why is None and n + codec.overhead > mtu:
+                self._too_big(t, buf, view, n, ver, dst, addr, mtu)
+            else:
+                t.count_tx_drop(Drop.SEND_FAILED)
+
+    def _encap_send(self, t: TunnelPlane, buf, view, off: int, n: int, dst: bytes,
+                    addr) -> bool:
+        """Encapsulate and send; False only when the underlay said the packet is too big
+        (EMSGSIZE), for the caller to answer it. Every other failure is counted here."""
         t.ident = (t.ident + 1) & 0xFFFF or 1
-        start = codec.encap(buf, H, n, dst, t.ident)
+        start = t.codec.encap(buf, off, n, dst, t.ident)
         if start.__class__ is Drop:
             t.count_tx_drop(start)
-            return
+            return True
         try:
-            t.sock.sendto(view[start:H + n], addr)
-        except OSError:
+            t.sock.sendto(view[start:off + n], addr)
+        except OSError as e:
+            if e.errno == errno.EMSGSIZE:
+                return False
             t.count_tx_drop(Drop.SEND_FAILED)
-            return
+            return True
         c = t.counters
         c.tx_packets += 1
         c.tx_bytes += n
+        return True
 
     def _asked_dst(self, t: TunnelPlane, inner_dst: bytes) -> bytes | None:
         """The kernel routed this packet here before the mirror of its routes caught up (a
@@ -312,34 +418,68 @@ class Engine:
             return outer_dst(inner_dst, gw)
         return v4_compatible(gw if gw is not None else inner_dst)
 
-    def _too_big(self, t: TunnelPlane, view, n: int, ver: int, dst: bytes) -> bool:
-        """tnl_update_pmtu() (ipip6_tunnel_xmit() for sit): answer a packet the learned path
-        MTU cannot carry, when the tunnel does path MTU discovery."""
+    def _too_big(self, t: TunnelPlane, buf, view, n: int, ver: int, dst: bytes, addr,
+                 mtu: int) -> None:
+        """A packet whose outer packet would not fit the path MTU (tnl_update_pmtu(),
+        ipip6_tunnel_xmit() for sit): IPv4 with DF and IPv6 get ICMP fragmentation needed or
+        Packet Too Big with the MTU inside the tunnel, never a silent drop; IPv4 without DF
+        is fragmented before it is encapsulated; IPv6 on a path under 1280 + the headers goes
+        out in outer fragments (sit clears DF there)."""
         H = HEADROOM
-        mtu = self.pmtu.get(dst, MAX_PACKET) - t.codec.overhead
-        if n <= mtu or not t.spec.pmtudisc:
-            return False
+        inner_mtu = mtu - t.codec.overhead
         inner = view[H:H + n]
         if ver == 4:
             if not inner[6] & 0x40:
-                return False        # no DF: the outer packet may be fragmented
+                pieces = ipv4.fragment(inner, inner_mtu)
+                if pieces.__class__ is Drop:
+                    t.count_tx_drop(pieces, "tx_dropped")
+                    return
+                for p in pieces:
+                    ln = len(p)
+                    buf[H:H + ln] = p
+                    if not self._encap_send(t, buf, view, H, ln, dst, addr):
+                        t.count_tx_drop(Drop.SEND_FAILED)
+                return
             why = Drop.TOO_BIG
             pkt = icmp.error_packet(bytes(inner[16:20]), inner,
-                                    icmp.dest_unreach(icmp.FRAG_NEEDED, inner, mtu))
+                                    icmp.dest_unreach(icmp.FRAG_NEEDED, inner, inner_mtu))
         else:
-            if t.proto == PROTO_IPV6:
-                mtu = max(mtu, IPV6_MIN_MTU)    # sit: never below 1280 (RFC 4213 §3.2.2)
-            if n <= mtu or mtu < IPV6_MIN_MTU:
-                return False        # ip_tunnel: no Packet Too Big under the IPv6 minimum
+            if inner_mtu < IPV6_MIN_MTU and n <= IPV6_MIN_MTU:
+                self._send_outer_fragments(t, buf, view, n, dst, addr, mtu)
+                return
             why = Drop.PACKET_TOO_BIG
             pkt = icmpv6.error_packet(bytes(inner[24:40]), inner,
-                                      icmpv6.packet_too_big(inner, mtu))
+                                      icmpv6.packet_too_big(inner, max(inner_mtu, IPV6_MIN_MTU)))
         try:
             os.write(t.fd, pkt)   # as if from the far side: the inner destination answers
         except OSError:
             pass
         t.count_tx_drop(why)
-        return True
+
+    def _send_outer_fragments(self, t: TunnelPlane, buf, view, n: int, dst: bytes, addr,
+                              mtu: int) -> None:
+        """ipip6_tunnel_xmit(): under IPV6_MIN_MTU the outer packet goes without DF, and
+        the kernel fragments it (ip_do_fragment()); a raw socket does not, so tunl does."""
+        H = HEADROOM
+        t.ident = (t.ident + 1) & 0xFFFF or 1
+        start = t.codec.encap(buf, H, n, dst, t.ident)
+        if start.__class__ is Drop:
+            t.count_tx_drop(start)
+            return
+        buf[start + 6] &= ~0x40 & 0xFF
+        ipv4.fix_checksum(buf, start)
+        pieces = ipv4.fragment(view[start:H + n], mtu)
+        if pieces.__class__ is Drop:
+            t.count_tx_drop(pieces, "tx_dropped")
+            return
+        try:
+            for p in pieces:
+                t.sock.sendto(p, addr)
+        except OSError:
+            t.count_tx_drop(Drop.SEND_FAILED)
+            return
+        t.counters.tx_packets += 1
+        t.counters.tx_bytes += n
 
     # -- ingress ----------------------------------------------------------------------------
 
@@ -366,7 +506,7 @@ class Engine:
             try:
                 self._receive_one(proto, demux, buf, view, n, unmatched)
             except Exception:          # a bug must not stop the protocol: count it, go on
-                log.exception("ingress %d", proto)
+                LOG.exception("ingress %d", proto, key=("ingress", proto))
                 unmatched[Drop.INTERNAL] += 1
 
     def _receive_one(self, proto, demux, buf, view, n: int, unmatched: Counter) -> None:
@@ -427,7 +567,7 @@ class Engine:
                 continue             # not about a packet of one of our tunnels
             self.icmp_frag_needed += 1
             learned = self.pmtu.learn(peer, msg.mtu)
-            log.info("path MTU to %s is now %d", socket.inet_ntoa(peer), learned)
+            LOG.info("path MTU to %s is now %d", socket.inet_ntoa(peer), learned, key=("pmtu", peer))
 
     def stats(self) -> dict:
         unmatched: Counter = Counter()

@@ -1,0 +1,74 @@
+"""What tunld remembers of its tunnels, where an ordinary command cannot reach it.
+
+The device alias (`ip link show` prints it) is for people: anyone may change it with
+`ip link set DEV alias …`, and anyone may create a TUN device and give it a "tunl:" alias. So
+the record that says which devices are tunl's, and with which spec, is a root-only file per
+network namespace: /run/tunl/netns-<cookie>/tunnels.json, each entry keyed by the device's
+name and ifindex (a device deleted and made again by someone else has another ifindex). The
+namespace is named by its cookie (SO_NETNS_COOKIE), which the kernel never reuses while it
+runs, unlike the inode of /proc/self/ns/net.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+from ..errors import TunlError
+from ..model import TunnelSpec
+
+RUN_DIR = "/run/tunl"
+SO_NETNS_COOKIE = 71     # include/uapi/asm-generic/socket.h (Linux 5.14)
+
+
+def netns_id() -> str:
+    """A name for this network namespace that no other namespace gets while the host runs."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            cookie = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8),
+                                    "little")
+            return f"netns-{cookie}"
+        except OSError:            # an older kernel: the inode, reused after the namespace ends
+            return f"netns-ino{os.stat('/proc/self/ns/net').st_ino}"
+
+
+def state_dir() -> str:
+    return os.path.join(RUN_DIR, netns_id())
+
+
+class State:
+    """name -> (ifindex, spec) of the tunnels tunld made in this namespace."""
+
+    def __init__(self, directory: str | None = None):
+        self.dir = directory or state_dir()
+        self.path = os.path.join(self.dir, "tunnels.json")
+
+    def load(self) -> dict[str, tuple[int, TunnelSpec]]:
+        try:
+            with open(self.path) as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            return {}              # unreadable: no tunnel is taken back on its word
+        out = {}
+        for name, entry in raw.get("tunnels", {}).items():
+            try:
+                out[name] = (int(entry["ifindex"]), TunnelSpec.from_dict(entry["spec"]))
+            except (KeyError, TypeError, ValueError, TunlError):    # one bad entry: skip it
+                continue
+        return out
+
+    def save(self, tunnels: dict[str, tuple[int, TunnelSpec]]) -> None:
+        """Write atomically (a new file renamed over the old one), readable by root only."""
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        data = {"tunnels": {name: {"ifindex": ifindex, "spec": spec.to_dict()}
+                            for name, (ifindex, spec) in sorted(tunnels.items())}}
+        tmp = self.path + f".{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, self.path)
+
+    def has_tunnels(self) -> bool:
+        return bool(self.load())

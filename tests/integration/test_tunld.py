@@ -1,0 +1,376 @@
+"""tunld holds up: it heals itself, keeps its record where `ip` cannot reach it, follows route
+bursts at the cost of the change, and stays small with many tunnels. Everything is observed
+from outside: ping, /proc, `ip`, and tunl's own commands.
+"""
+from __future__ import annotations
+
+import configparser
+import contextlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nsutil import A_UL, B_UL, ENV, TUNL, Host, Net, alive, one_to_one, sh
+
+pytestmark = pytest.mark.root
+if os.geteuid() != 0:
+    pytest.skip("needs root for network namespaces and TUN devices", allow_module_level=True)
+
+UNIT = os.path.join(os.path.dirname(__file__), "..", "..", "systemd", "tunld@.service")
+
+
+@pytest.fixture
+def pair():
+    net = Net()
+    try:
+        yield (net, *one_to_one(net))
+    finally:
+        net.close()
+
+
+def status(h: Host) -> dict:
+    return json.loads(h.tunl("-j daemon status").stdout)
+
+
+def tunld_pids(h: Host) -> list[int]:
+    """The processes named tunld in a host's namespace."""
+    out = []
+    for pid in sh(f"ip netns pids {h.ns}", check=False).stdout.split():
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() == "tunld":
+                    out.append(int(pid))
+        except OSError:
+            pass
+    return out
+
+
+def wait_for(cond, timeout: float, step: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(step)
+    return cond()
+
+
+def ping_back_after(h: Host, dst: str, timeout: float = 5.0) -> float | None:
+    """Seconds until a ping from h to dst is answered (probing every 50 ms), None if never;
+    nothing but ping runs meanwhile."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if h.run(f"ping -n -c 1 -W 0.05 {dst}", check=False).returncode == 0:
+            return time.monotonic() - t0
+    return None
+
+
+def cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])       # utime + stime
+
+
+# -- 1. self-healing --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGSEGV])
+def test_traffic_comes_back_by_itself_when_the_data_plane_dies(pair, sig):
+    _, a, _ = pair
+    st = status(a)
+    os.kill(st["pid"], sig)
+    assert wait_for(lambda: not alive(st["pid"]), 5), "the data plane did not end"
+    took = ping_back_after(a, "10.42.2.1")
+    print(f"\n{signal.Signals(sig).name}: traffic back after {took:.2f} s" if took else "")
+    assert took is not None, "traffic did not come back with nothing typed"
+    after = status(a)
+    assert after["pid"] != st["pid"] and after["supervisor"] == st["supervisor"]
+    assert after["tunnels"] == ["tunl0"]
+
+
+def test_killing_the_supervisor_leaves_traffic_up_and_a_new_supervisor_in_charge(pair):
+    _, a, _ = pair
+    st = status(a)
+    pinger = a.popen("ping -n -i 0.05 -c 40 10.42.2.1", stdout=subprocess.PIPE)
+    time.sleep(0.3)
+    os.kill(st["supervisor"], signal.SIGKILL)
+    out, _ = pinger.communicate(timeout=20)
+    assert " 0% packet loss" in out, out
+    new = wait_for(lambda: (s := status(a))["supervisor"] != st["supervisor"] and s, 3)
+    assert new and new["pid"] == st["pid"], "the data plane should have kept running"
+    assert alive(new["supervisor"])
+    # and the new supervisor heals the data plane in turn
+    os.kill(new["pid"], signal.SIGKILL)
+    assert ping_back_after(a, "10.42.2.1") is not None
+
+
+def test_both_processes_are_named_tunld(pair):
+    _, a, _ = pair
+    st = status(a)
+    for pid, role in ((st["pid"], "data plane"), (st["supervisor"], "supervisor")):
+        with open(f"/proc/{pid}/comm") as f:
+            assert f.read().strip() == "tunld"
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert f.read().split(b"\0")[0].decode() == f"tunld: {role}"
+    assert sorted(tunld_pids(a)) == sorted([st["pid"], st["supervisor"]])
+
+
+def test_ip_netns_del_takes_tunld_with_it():
+    net = Net()
+    try:
+        h = net.host("gone")
+        h.tunl("tunnel add tunl0 mode ipip remote 172.16.1.2 local 172.16.1.1")
+        pids = tunld_pids(h)
+        assert len(pids) == 2
+        net.names.remove(h.ns)
+        sh(f"ip netns del {h.ns}")              # nothing killed: tunld must notice
+        assert wait_for(lambda: not any(alive(p) for p in pids), 5), \
+            "tunld outlived its network namespace"
+    finally:
+        net.close()
+
+
+def test_daemon_stop_ends_both_processes_and_nothing_restarts_them(pair):
+    _, a, _ = pair
+    pids = tunld_pids(a)
+    out = a.tunl("daemon stop").stdout
+    assert "carry no traffic" in out, out
+    assert wait_for(lambda: not any(alive(p) for p in pids), 5)
+    time.sleep(1.5)
+    assert tunld_pids(a) == [], "an orderly stop was undone"
+    # the next command starts tunld, which takes the tunnel back
+    assert a.tunl("tunnel show tunl0").stdout.startswith("tunl0: ip/ip remote")
+    assert a.ping("10.42.2.1", count=2).returncode == 0
+
+
+def test_the_cli_gives_up_on_a_stopped_tunld_with_one_line(pair):
+    _, a, _ = pair
+    pids = tunld_pids(a)
+    for p in pids:
+        os.kill(p, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        r = a.run(f"TUNL_TIMEOUT=1 {TUNL} tunnel show", check=False, timeout=20)
+        took = time.monotonic() - t0
+    finally:
+        for p in pids:
+            os.kill(p, signal.SIGCONT)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "did not answer within 1 s" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert took < 10, f"the CLI waited {took:.1f} s"
+
+
+def unit_command(ns: str) -> list[str]:
+    """ExecStart of the shipped unit, for network namespace `ns`, with this checkout's tunld."""
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.read(UNIT)
+    argv = shlex.split(unit["Service"]["ExecStart"].replace("%I", ns))
+    tunld = os.path.join(os.path.dirname(sys.executable), "tunld")
+    return [tunld if a == "/usr/local/bin/tunld" else a for a in argv]
+
+
+@contextlib.contextmanager
+def service(name: str):
+    """A fresh namespace with tunld started by the unit's command line, as systemd starts it;
+    yields (host, main process, tunld status)."""
+    net = Net()
+    try:
+        h = net.host(name)
+        argv = unit_command(h.ns)
+        assert argv[:4] == ["/usr/bin/ip", "netns", "exec", h.ns]
+        main = subprocess.Popen(argv, env=ENV, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            st = wait_for(lambda: h.tunl("-j daemon status", check=False).returncode == 0
+                          and status(h), 10)
+            assert st, "tunld did not answer"
+            yield h, main, st
+        finally:
+            if main.poll() is None:
+                main.kill()
+                main.wait()
+    finally:
+        net.close()
+
+
+def test_the_systemd_unit_runs_tunld_in_its_namespace_and_stops_on_sigterm():
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.read(UNIT)
+    assert unit["Service"]["Restart"] == "always" and unit["Service"]["KillMode"] == "mixed"
+    with service("svc") as (h, main, st):
+        # `ip netns exec` execs tunld: the main process is the supervisor, as systemd sees it
+        assert st["supervisor"] == main.pid
+        h.tunl("tunnel add tunl0 mode ipip remote 172.16.1.2 local 172.16.1.1")
+        os.kill(st["pid"], signal.SIGKILL)           # the data plane dies: restarted
+        new = wait_for(lambda: (s := status(h))["pid"] != st["pid"] and s, 5)
+        assert new and new["tunnels"] == ["tunl0"]
+        main.send_signal(signal.SIGTERM)             # systemctl stop (KillMode=mixed)
+        assert main.wait(10) == 0
+        assert wait_for(lambda: not alive(new["pid"]), 5), "the data plane outlived stop"
+
+
+def test_under_a_service_manager_the_data_plane_ends_with_the_supervisor():
+    """systemd restarts the whole service when its main process dies; the data-plane process
+    must not linger beside the new one."""
+    with service("svc9") as (_h, main, st):
+        main.kill()
+        main.wait()
+        assert wait_for(lambda: not alive(st["pid"]), 5)
+
+
+# -- 2. a record that `ip` cannot break or forge -----------------------------------------------
+
+def test_an_alias_changed_by_hand_loses_nothing(pair):
+    _, a, _ = pair
+    a.run('ip link set tunl0 alias "my uplink"')
+    os.kill(status(a)["pid"], signal.SIGKILL)
+    assert ping_back_after(a, "10.42.2.1") is not None
+    assert a.tunl("tunnel show").stdout.startswith("tunl0: ip/ip remote 172.16.232.194")
+    assert "alias tunl:" in a.run("ip link show tunl0").stdout      # put back
+    a.tunl("tunnel change tunl0 ttl 64")                            # still tunl's own
+    a.tunl("tunnel change tunl0 ttl inherit")
+
+
+def test_a_foreign_tun_device_with_a_tunl_alias_is_not_taken_over(pair):
+    _, a, _ = pair
+    a.run("ip tuntap add mode tun name fake0 && "
+          "ip link set fake0 alias 'tunl:{\"name\":\"fake0\",\"mode\":\"ipip\"}'")
+    os.kill(status(a)["pid"], signal.SIGKILL)
+    assert ping_back_after(a, "10.42.2.1") is not None
+    assert status(a)["tunnels"] == ["tunl0"]
+    r = a.tunl("tunnel del fake0", check=False)
+    assert r.returncode == 1 and "did not create" in r.stderr, r.stderr
+    assert "fake0" in a.run("ip link show fake0").stdout           # left alone
+    a.run("ip link del fake0")
+
+
+# -- 3. route events in O(change) ------------------------------------------------------------
+
+def kernel_routes(h: Host, dev: str) -> list:
+    out = []
+    for fam in ("-4", "-6"):
+        for r in json.loads(h.run(f"ip {fam} -j route show table all dev {dev}").stdout):
+            if r.get("type", "unicast") != "unicast" or r.get("table") == "local":
+                continue
+            dst = r["dst"]
+            if dst == "default":
+                dst = "0.0.0.0/0" if fam == "-4" else "::/0"
+            elif "/" not in dst:
+                dst += "/32" if fam == "-4" else "/128"
+            table = {"main": 254, None: 254}.get(r.get("table"), r.get("table"))
+            out.append([dst, r.get("gateway"), int(table)])
+    return sorted(out)
+
+
+def mirror(h: Host, dev: str) -> list:
+    r = h.run(f"{sys.executable} -c 'import json; from tunl.daemon import client; "
+              f"print(json.dumps(client.call(\"routes\", name=\"{dev}\")))'")
+    return json.loads(r.stdout)
+
+
+def burst(h: Host, lines: list[str]) -> None:
+    p = subprocess.run(["ip", "-n", h.ns, "-batch", "-"], input="\n".join(lines) + "\n",
+                       text=True, capture_output=True)
+    assert p.returncode == 0, p.stderr
+
+
+@pytest.fixture
+def nbma():
+    net = Net()
+    try:
+        a, b = net.host("A"), net.host("B")
+        net.underlay({a: f"{A_UL}/16", b: f"{B_UL}/16"})
+        yield net, a, b
+    finally:
+        net.close()
+
+
+@pytest.mark.parametrize("rcvbuf", [None, 32768], ids=["events", "overflow"])
+def test_a_burst_of_routes_leaves_the_mirror_exact_and_tunld_idle(nbma, rcvbuf):
+    _, a, _ = nbma
+    env = f"TUNLD_EVENT_RCVBUF={rcvbuf} " if rcvbuf else ""
+    a.run(f"{env}{TUNL} tunnel add tunl0 mode ipip")
+    a.run("ip link set tunl0 up && ip addr add 10.42.1.0/32 dev tunl0 && "
+          "ip link add d0 type veth peer name d1 && ip link set d0 up && ip link set d1 up")
+    pid = status(a)["pid"]
+    # 10,000 routes on another device, 2,000 on the tunnel, some in another table
+    burst(a, [f"route add 10.{100 + i // 250}.{i % 250}.0/24 dev d0" for i in range(10000)] +
+          [f"route add 10.42.{2 + i // 250}.{i % 250}/32 via 172.16.{i % 200}.{1 + i % 250} "
+           f"dev tunl0 onlink" for i in range(1900)] +
+          [f"route add 10.43.{i}.0/24 via 172.16.9.{i} dev tunl0 onlink table 100"
+           for i in range(1, 101)])
+    want = kernel_routes(a, "tunl0")
+    assert len(want) == 2000
+    assert wait_for(lambda: mirror(a, "tunl0") == want, 10), "the mirror is not the kernel's"
+    # then delete half of them and change some
+    burst(a, [f"route del 10.42.{2 + i // 250}.{i % 250}/32 dev tunl0" for i in range(0, 1900, 2)]
+          + [f"route replace 10.43.{i}.0/24 via 172.16.8.{i} dev tunl0 onlink table 100"
+             for i in range(1, 51)])
+    want = kernel_routes(a, "tunl0")
+    assert wait_for(lambda: mirror(a, "tunl0") == want, 10), "the mirror is not the kernel's"
+    time.sleep(0.5)
+    before = cpu_ticks(pid)
+    time.sleep(2)
+    idle = (cpu_ticks(pid) - before) / os.sysconf("SC_CLK_TCK") / 2
+    assert idle < 0.1, f"tunld busy at {idle:.0%} of a core after the burst"
+    st = status(a)
+    assert st["pid"] == pid
+    if rcvbuf:
+        assert st["resyncs"] >= 2, "the burst should have overflowed the small event buffer"
+
+
+# -- 4. many tunnels --------------------------------------------------------------------------
+
+def test_200_tunnels_share_a_bounded_number_of_threads_and_sit_idle(nbma):
+    _, a, _ = nbma
+    script = ("from tunl.daemon import client\n"
+              "for i in range(200):\n"
+              "    client.call('add', spec={'name': f'g{i}', 'mode': 'gre', 'ikey': i + 1,"
+              " 'okey': i + 1, 'remote': '172.16.232.194', 'local': '172.16.232.172'})\n")
+    a.run(f"{sys.executable} -c {shlex.quote(script)}", timeout=300)
+    a.run("for i in $(seq 0 199); do ip link set g$i up; done")
+    st = status(a)
+    assert len(st["tunnels"]) == 200
+    assert st["threads"] <= 8, st["threads"]
+    lines = a.tunl("tunnel show").stdout.splitlines()
+    assert sum(line.startswith("g") for line in lines) == 200
+    time.sleep(1)
+    before = cpu_ticks(st["pid"])
+    time.sleep(2)
+    idle = (cpu_ticks(st["pid"]) - before) / os.sysconf("SC_CLK_TCK") / 2
+    assert idle < 0.1, f"tunld busy at {idle:.0%} of a core with 200 idle tunnels"
+
+
+# -- 8. the outer source ---------------------------------------------------------------------
+
+def test_a_local_address_gone_from_the_host_is_noroute_until_it_returns(nbma):
+    _, a, b = nbma
+    a.run("ip addr add 172.16.232.180/16 dev eth0")
+    a.tunl("tunnel add tunl0 mode ipip remote 172.16.232.194 local 172.16.232.180")
+    b.tunl("tunnel add tunl0 mode ipip remote 172.16.232.180 local 172.16.232.194")
+    for h, mine, theirs in ((a, "10.42.1", "10.42.2"), (b, "10.42.2", "10.42.1")):
+        h.run(f"ip addr add {mine}.1/24 dev tunl0 && ip link set tunl0 up && "
+              f"ip route add {theirs}.0/24 dev tunl0")
+    assert ping_back_after(a, "10.42.2.1") is not None      # a fresh underlay: give it time
+    a.run("ip addr del 172.16.232.180/16 dev eth0")
+    sent = a.counters()["tx_packets"]
+    cap = b.popen("tcpdump -n -l -i eth0 ip proto 4 and src 172.16.232.180",
+                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    time.sleep(1)
+    assert a.ping("10.42.2.1", count=3).returncode != 0
+    time.sleep(0.3)
+    cap.terminate()
+    seen, _ = cap.communicate(timeout=10)
+    assert seen.strip() == "", f"outer packets left with a source the host no longer has:\n{seen}"
+    st = a.counters()
+    assert st["tx_packets"] == sent
+    assert st["tx_carrier_errors"] >= 3 and st["tx_drop"]["no_route"] >= 3, st   # NoRoute
+    a.run("ip addr add 172.16.232.180/16 dev eth0")
+    assert ping_back_after(a, "10.42.2.1") is not None
