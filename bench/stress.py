@@ -95,6 +95,8 @@ BASELINE: dict[str, tuple[str, str, str, str]] = {
     "churn.2000": ("churn", "2,000 routes one by one on d0: tunld CPU", "167 s (100 % CPU)",
                    "∝ N, ≪ time to add"),
     "churn.rss": ("churn", "tunld RSS after 2,000 routes one by one", "171 MB", "–"),
+    "churn.tunl0": ("churn", "2,000 routes one by one on tunl0 (extra)", "–",
+                    "∝ N, ≪ time to add"),
     "scale.cli": ("scale", "CLI floor: tunl -j daemon status, median of 3", "–", "–"),
     "scale.mean": ("scale", "{tunnels} GRE tunnels via CLI: add, mean", "≈4.5 s (895 s / 200)",
                    "–"),
@@ -353,8 +355,14 @@ def machine() -> dict:
         for line in f:
             key, _, value = line.partition(":")
             info.setdefault(key.strip(), value.strip())
-    rev = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "describe",
-                          "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+    # read-only git: no index refresh (GIT_OPTIONAL_LOCKS=0), nothing written
+    top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    git = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+    rev = subprocess.run(["git", "-C", top, "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True, env=git).stdout.strip()
+    if rev and subprocess.run(["git", "-C", top, "status", "--porcelain", "-uno"], capture_output=True,
+                              text=True, env=git).stdout.strip():
+        rev += " + uncommitted changes"
     return {"cpu": info.get("model name") or info.get("Hardware") or platform.machine(),
             "nproc": len(os.sched_getaffinity(0)), "kernel": platform.release(),
             "python": platform.python_version(), "loadavg": os.getloadavg()[0],
@@ -575,6 +583,7 @@ def burst(lab: Lab, args, res: Results) -> None:
 
     d0 = burst_phase(lab, a, pid, [f"route add {host_route('100.64.0.0', i)}/32 dev d0"
                                    for i in range(n)])
+    d0["resyncs"] = lab.status(a)["resyncs"] - st["resyncs"]
     put_burst(res, "d0", d0)
 
     pinger = lab.popen(a, ["ping", "-n", "-q", "-c", "20", "-i", "0.05", "-W", "2",
@@ -583,6 +592,7 @@ def burst(lab: Lab, args, res: Results) -> None:
              f"dev tunl0 onlink" for i in range(n)]
     t0 = time.monotonic()
     tn = burst_phase(lab, a, pid, lines)
+    tn["resyncs"] = lab.status(a)["resyncs"] - st["resyncs"] - d0["resyncs"]
     put_burst(res, "tunl0", tn)
     out, _ = pinger.communicate(timeout=60)
     rtt = re.search(r"= ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms", out)
@@ -612,7 +622,7 @@ def burst(lab: Lab, args, res: Results) -> None:
 
 def put_burst(res: Results, where: str, r: dict) -> None:
     res.put(f"burst.{where}.cpu", cpu_line(r["cpu_s"], r["over_s"]) +
-            f"; the burst took {s(r['burst_s'])}", r["cpu_s"])
+            f"; the burst took {s(r['burst_s'])}; {r['resyncs']} resyncs", r["cpu_s"])
     res.put(f"burst.{where}.idle", "busy 60 s after the burst" if r["idle_after_s"] is None
             else s(r["idle_after_s"]), r["idle_after_s"])
     res.put(f"burst.{where}.show", s(r["show_s"]), r["show_s"])
@@ -624,12 +634,16 @@ def put_burst(res: Results, where: str, r: dict) -> None:
 CHURN_SCRIPT = r"""
 import sys, time
 from pyroute2 import IPRoute
-n = int(sys.argv[1])
+n, dev = int(sys.argv[1]), sys.argv[2]
 ipr = IPRoute()
-idx = ipr.link_lookup(ifname="d0")[0]
+idx = ipr.link_lookup(ifname=dev)[0]
 t0 = time.monotonic()
 for i in range(n):
-    ipr.route("add", dst=f"100.64.{i >> 8}.{i & 255}/32", oif=idx)
+    if dev == "d0":
+        ipr.route("add", dst=f"100.64.{i >> 8}.{i & 255}/32", oif=idx)
+    else:      # on the tunnel: on-link routes with a gateway, as `ip route ... onlink`
+        ipr.route("add", dst=f"10.64.{i >> 8}.{i & 255}/32", oif=idx,
+                  gateway=f"172.16.{i % 200}.{1 + i % 250}", flags=4)   # RTNH_F_ONLINK
 print(time.monotonic() - t0)
 ipr.close()
 """
@@ -637,8 +651,9 @@ ipr.close()
 
 def churn(lab: Lab, args, res: Results) -> None:
     rss = None
-    for n in CHURN:
-        ns = lab.ns("churn", str(n))
+    for n, dev in [(n, "d0") for n in CHURN] + [(2000, "tunl0")]:
+        key = f"churn.{n}" if dev == "d0" else f"churn.{dev}"
+        ns = lab.ns("churn", f"{n}{dev}")
         try:
             lab.tunl(ns, "tunnel add tunl0 mode ipip")
             lab.run(ns, "ip addr add 10.42.1.0/32 dev tunl0 && ip link set tunl0 up && "
@@ -650,7 +665,7 @@ def churn(lab: Lab, args, res: Results) -> None:
             sampler.start()
             try:
                 t0 = time.monotonic()
-                took, out = lab.timed(ns, [PY, "-c", CHURN_SCRIPT, str(n)], timeout=600)
+                took, out = lab.timed(ns, [PY, "-c", CHURN_SCRIPT, str(n), dev], timeout=600)
                 t1 = time.monotonic()
                 last = sampler.wait_idle(t1, quiet=0.5, timeout=120)
             finally:
@@ -661,13 +676,18 @@ def churn(lab: Lab, args, res: Results) -> None:
             after = (sampler.ticks_at(end) - sampler.ticks_at(t1)) / CLK_TCK
             total = during + after
             tail = "busy 120 s after" if last is None else f"idle {s(max(0.0, last - t1))} after"
-            res.put(f"churn.{n}", f"{total:.2f} s = {total / n * 1e6:.0f} µs/route "
+            extra = ""
+            if dev != "d0":
+                diff, want = mirror_diff(lab, ns, dev)
+                extra = "; mirror exact" if diff == 0 else f"; mirror: {diff} of {want} differ"
+            res.put(key, f"{total:.2f} s = {total / n * 1e6:.0f} µs/route "
                     f"({during:.2f} during + {after:.2f} after; adding took "
-                    f"{adding:.2f} s; {tail})", total)
-            rss = rss_mb(pid)
+                    f"{adding:.2f} s; {tail}{extra})", total)
+            if dev == "d0":
+                rss = rss_mb(pid)
         except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as e:
-            res.put(f"churn.{n}", f"FAILED: {str(e).splitlines()[0][:160]}")
-            res.failures.append(("churn", f"{n} routes: {e}"))
+            res.put(key, f"FAILED: {str(e).splitlines()[0][:160]}")
+            res.failures.append(("churn", f"{n} routes on {dev}: {e}"))
         finally:
             lab.drop(ns)
     if rss is not None:

@@ -310,12 +310,12 @@ class Engine:
                     except OSError as e:
                         if not t.stopping:
                             LOG.error("%s: reading the device failed: %s", t.spec.name, e,
-                                      key=("read", t.spec.name))
+                                      key="read")
                         break
                     try:
                         self._send(t, buf, view, n)
                     except Exception:     # a bug must not stop the tunnel: count it and go on
-                        LOG.exception("%s: egress", t.spec.name, key=("egress", t.spec.name))
+                        LOG.exception("%s: egress", t.spec.name, key="egress")
                         t.count_tx_drop(Drop.INTERNAL)
 
     def _path(self, t: TunnelPlane, dst: bytes) -> tuple:
@@ -506,7 +506,7 @@ class Engine:
             try:
                 self._receive_one(proto, demux, buf, view, n, unmatched)
             except Exception:          # a bug must not stop the protocol: count it, go on
-                LOG.exception("ingress %d", proto, key=("ingress", proto))
+                LOG.exception("ingress %d", proto, key="ingress")
                 unmatched[Drop.INTERNAL] += 1
 
     def _receive_one(self, proto, demux, buf, view, n: int, unmatched: Counter) -> None:
@@ -567,7 +567,7 @@ class Engine:
                 continue             # not about a packet of one of our tunnels
             self.icmp_frag_needed += 1
             learned = self.pmtu.learn(peer, msg.mtu)
-            LOG.info("path MTU to %s is now %d", socket.inet_ntoa(peer), learned, key=("pmtu", peer))
+            LOG.info("path MTU to %s is now %d", socket.inet_ntoa(peer), learned, key="pmtu")
 
     def stats(self) -> dict:
         unmatched: Counter = Counter()
