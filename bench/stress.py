@@ -97,7 +97,7 @@ BASELINE: dict[str, tuple[str, str, str, str]] = {
     "churn.rss": ("churn", "tunld RSS after 2,000 routes one by one", "171 MB", "–"),
     "churn.tunl0": ("churn", "2,000 routes one by one on tunl0 (extra)", "–",
                     "∝ N, ≪ time to add"),
-    "scale.cli": ("scale", "CLI floor: tunl -j daemon status, median of 3", "–", "–"),
+    "scale.cli": ("scale", "tunl tunnel show, no tunnel yet (CLI floor), median 3", "–", "–"),
     "scale.mean": ("scale", "{tunnels} GRE tunnels via CLI: add, mean", "≈4.5 s (895 s / 200)",
                    "–"),
     "scale.p95": ("scale", "{tunnels} GRE tunnels via CLI: add, p95", "–", "–"),
@@ -127,7 +127,13 @@ BASELINE: dict[str, tuple[str, str, str, str]] = {
                     "+9.7 MB (~260 B each)", "no growth per dest"),
     "nbma.round2": ("nbma", "RSS growth, 2nd 40,000 new outer destinations",
                     "+9.7 MB (~260 B each)", "no growth per dest"),
-    "nbma.cost": ("nbma", "tunld CPU per new outer destination", "~420 µs", "–"),
+    "nbma.loop": ("nbma", "outer packets per datagram; reaching the underlay", "–",
+                  "1; all"),
+    "nbma.u.round1": ("nbma", "RSS growth, 3rd 40,000, + rule ipproto 255 (extra)",
+                      "–", "no growth per dest"),
+    "nbma.u.round2": ("nbma", "RSS growth, 4th 40,000, + rule ipproto 255 (extra)",
+                      "–", "no growth per dest"),
+    "nbma.cost": ("nbma", "tunld CPU per new outer destination (+ rule)", "~420 µs", "–"),
 }
 
 
@@ -360,8 +366,8 @@ def machine() -> dict:
     git = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
     rev = subprocess.run(["git", "-C", top, "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True, env=git).stdout.strip()
-    if rev and subprocess.run(["git", "-C", top, "status", "--porcelain", "-uno"], capture_output=True,
-                              text=True, env=git).stdout.strip():
+    if rev and subprocess.run(["git", "-C", top, "status", "--porcelain", "-uno"],
+                              capture_output=True, text=True, env=git).stdout.strip():
         rev += " + uncommitted changes"
     return {"cpu": info.get("model name") or info.get("Hardware") or platform.machine(),
             "nproc": len(os.sched_getaffinity(0)), "kernel": platform.release(),
@@ -378,6 +384,10 @@ class Results:
         self.now: dict[str, str] = {}
         self.values: dict[str, object] = {}
         self.failures: list[tuple[str, str]] = []
+        self.notes: list[tuple[str, str]] = []      # (scenario, text): printed below the table
+
+    def note(self, scenario: str, text: str) -> None:
+        self.notes.append((scenario, text))
 
     def put(self, key: str, now: str, value: object = None) -> None:
         self.now[key] = now
@@ -602,7 +612,8 @@ def burst(lab: Lab, args, res: Results) -> None:
                 f"ms, {int(loss.group(1)) - int(loss.group(2))} of {loss.group(1)} lost)",
                 float(rtt.group(2)))
     else:
-        res.put("burst.ping", f"no answer ({out.strip().splitlines()[-1][:80] if out.strip() else '?'})")
+        tail = out.strip().splitlines()[-1][:80] if out.strip() else "?"
+        res.put("burst.ping", f"no answer ({tail})")
 
     diff, want = mirror_diff(lab, a, "tunl0")
     if diff == 0:
@@ -679,7 +690,8 @@ def churn(lab: Lab, args, res: Results) -> None:
             extra = ""
             if dev != "d0":
                 diff, want = mirror_diff(lab, ns, dev)
-                extra = "; mirror exact" if diff == 0 else f"; mirror: {diff} of {want} differ"
+                extra = (f"; mirror exact ({want:,} routes)" if diff == 0 else
+                         f"; mirror: {diff} of {want:,} differ")
             res.put(key, f"{total:.2f} s = {total / n * 1e6:.0f} µs/route "
                     f"({during:.2f} during + {after:.2f} after; adding took "
                     f"{adding:.2f} s; {tail}{extra})", total)
@@ -701,8 +713,8 @@ def scale(lab: Lab, args, res: Results) -> None:
     ns = lab.ns("scale", "a")
     lab.run(ns, f"ip link add d0 type veth peer name d1 && ip addr add {A_UL}/16 dev d0 && "
                 "ip link set d0 up && ip link set d1 up")
-    floor = statistics.median(lab.timed(ns, [TUNL, "-j", "daemon", "status"])[0]
-                              for _ in range(3))
+    lab.status(ns)                      # starts tunld
+    floor = statistics.median(lab.timed(ns, [TUNL, "tunnel", "show"])[0] for _ in range(3))
     res.put("scale.cli", s(floor), floor)
     pid = lab.status(ns)["pid"]
     took: list[float] = []
@@ -767,6 +779,13 @@ try:
             s.send(b"{")
         except OSError as e:
             note("send: " + type(e).__name__)
+            s.setblocking(False)          # an answer may be waiting before the close
+            try:
+                data = s.recv(4096)
+                if data:
+                    note("answer: " + data.decode(errors="replace").strip()[:120])
+            except OSError:
+                pass
             break
         s.settimeout(period)
         try:
@@ -856,14 +875,15 @@ MALFORMED: list[bytes] = [
     b'{"op": "add", "spec": {"name": 5}}\n',
     b'{"op": "add", "spec": {"name": "m14", "bogus": 1}}\n',
     b'{"op": "add", "spec": {"name": "m15", "ttl": "64"}}\n',
-    b'{"op": "add", "spec": {"name": "m16", "ttl": 1.5}}\n',
+    b'{"op": "add", "spec": {"name": "m16", "ttl": 1.5, "remote": "172.16.232.116"}}\n',
     b'{"op": "add", "spec": {"name": "m17", "remote": "not-an-ip"}}\n',
     b'{"op": "add", "spec": {"name": "m18", "remote": 5}}\n',
     b'{"op": "add", "spec": {"name": "m19", "mode": "gre", "ikey": "abc"}}\n',
-    b'{"op": "add", "spec": {"name": "m20", "mode": "gre", "ikey": true}}\n',
+    b'{"op": "add", "spec": {"name": "m20", "mode": "gre", "ikey": true, "okey": true, '
+    b'"remote": "172.16.232.120"}}\n',
     b'{"op": "add", "spec": {"name": "m21", "mode": "isatap", "prl": [["192.0.2.1"]]}}\n',
     b'{"op": "add", "spec": {"name": "m22", "mode": "sit", "ip6rd_prefix": "2001:db8::/300"}}\n',
-    b'{"op": "add", "spec": {"name": "m23", "pmtudisc": "no"}}\n',
+    b'{"op": "add", "spec": {"name": "m23", "remote": "192.0.2.23", "pmtudisc": "no"}}\n',
     b'{"op": "add", "spec": {"name": "m24", "dev": ["eth0"]}}\n',
     b'{"op": "add", "spec": {"name": "' + b"n" * 300 + b'"}}\n',
     b'{"op": "change", "spec": {"name": "tunl0", "mode": "ipip", "local": "1.2.3.4.5"}}\n',
@@ -911,14 +931,16 @@ def abuse(lab: Lab, args, res: Results) -> None:
     try:
         shows, ev = slow_client_run(lab, ns, False, 12.0, [0.5, 4.5, 8.5])
         res.put("abuse.slow", f"{s(statistics.median(shows))}, max {s(max(shows))} (alone "
-                f"{s(base)}); client: {summary(ev)}", max(shows) - base)
+                f"{s(base)})", max(shows) - base)
+        res.note("abuse", f"uid 65534 client: {summary(ev)}")
     except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as e:
         res.put("abuse.slow", f"FAILED: {str(e).splitlines()[0][:160]}")
         res.failures.append(("abuse", f"slow client: {e}"))
     try:
         shows, ev = slow_client_run(lab, ns, True, 6.0, [0.2, 0.2, 0.2])
         res.put("abuse.slow_root", f"{s(statistics.median(shows))}, max {s(max(shows))} "
-                f"(alone {s(base)}); client: {summary(ev)}", max(shows) - base)
+                f"(alone {s(base)})", max(shows) - base)
+        res.note("abuse", f"root slow client: {summary(ev)}")
     except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as e:
         res.put("abuse.slow_root", f"FAILED: {str(e).splitlines()[0][:160]}")
         res.failures.append(("abuse", f"slow root client: {e}"))
@@ -939,10 +961,11 @@ def abuse(lab: Lab, args, res: Results) -> None:
     try:
         big = json.loads(r.stdout)
         said = (f"client sent {big['sent'] / 1024:,.0f} KiB in {s(big['secs'])}, then "
-                f"{big['error'] or 'no error'}; answer: {big['reply'][:80] or 'none'}")
+                f"{big['error'] or 'no error'}; answer: {big['reply'][:160] or 'none'}")
     except ValueError:
         said = f"client failed: {(r.stdout + r.stderr).strip()[:200]}"
-    res.put("abuse.big.cpu", f"{cpu:.2f} s ({said})", cpu)
+    res.put("abuse.big.cpu", f"{cpu:.2f} s", cpu)
+    res.note("abuse", f"100 MiB request: {said}")
     res.put("abuse.big.rss", f"+{growth:.1f} MB at peak (now {mb(rss_mb(pid))})", growth)
 
     # (c) malformed requests
@@ -986,8 +1009,37 @@ def abuse(lab: Lab, args, res: Results) -> None:
             f"; replies: {', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}; "
             f"{traces} tracebacks in the log" + ("; " + "; ".join(extra) if extra else ""),
             len(internal))
+    # what an accepted malformed spec does to the packets that go through it
+    fates = []
+    for i in accepted:
+        name = json.loads(MALFORMED[i - 1])["spec"]["name"]
+        spec = {k: v for k, v in json.loads(MALFORMED[i - 1])["spec"].items() if k != "name"}
+        fates.append(f"#{i} {json.dumps(spec)}")
+        res.note("abuse", f"accepted #{i} {json.dumps(spec)}: {one_packet(lab, ns, name, i)}")
     res.put("abuse.accepted", f"{len(accepted)} of {len(MALFORMED)}" +
-            (f": #{', #'.join(map(str, accepted))}" if accepted else ""), len(accepted))
+            (f": {', '.join(fates)}" if accepted else ""), len(accepted))
+
+
+def one_packet(lab: Lab, ns: str, dev: str, i: int) -> str:
+    """Send a ping into tunnel dev; say what tunld's counters and log make of it."""
+    log = lab.status(ns).get("log")
+    log0 = os.path.getsize(log) if log and os.path.exists(log) else 0
+    before = lab.counters(ns, dev)
+    lab.run(ns, f"ip addr add 10.77.{i}.1/24 dev {dev} && ip link set {dev} up")
+    lab.exec(ns, ["ping", "-n", "-c", "2", "-i", "0.2", "-W", "0.3", f"10.77.{i}.2"])
+    time.sleep(0.2)
+    after = lab.counters(ns, dev)
+    traces = 0
+    if log and os.path.exists(log):
+        with open(log, "rb") as f:
+            f.seek(log0)
+            traces = f.read().count(b"Traceback")
+    sent = after["tx_packets"] - before["tx_packets"]
+    drops = {k: v - before["tx_drop"].get(k, 0) for k, v in after["tx_drop"].items()
+             if v - before["tx_drop"].get(k, 0)}
+    show = lab.exec(ns, [TUNL, "tunnel", "show", dev]).stdout.strip()
+    return (f"2 pings -> {sent} sent" + "".join(f", {v} {k}" for k, v in drops.items()) +
+            f", {traces} tracebacks; shown as \"{show[len(dev) + 2:][:60]}\"")
 
 
 def summary(events: list) -> str:
@@ -1018,26 +1070,30 @@ def nbma(lab: Lab, args, res: Results) -> None:
     a, b = lab.ns("nbma", "a"), lab.ns("nbma", "b")
     lab.underlay(a, b)
     lab.tunl(a, f"tunnel add tunl0 mode ipip local {A_UL}")
-    # 10.96.0.0/14: the outer destination is the inner one; 10.96 warms up, 10.97 and 10.98
-    # are the two rounds of 40,000 new destinations. tunld looks the outer path up from the
-    # tunnel's local address, which table 100 sends over the underlay, not into the tunnel.
+    # 10.96.0.0/13 into the tunnel, whose outer destination is then the inner one; so that
+    # those are routed over the underlay, not back into the tunnel, tunld looks the outer path
+    # up from the tunnel's local address, which table 100 sends to b. 10.96 warms up; 10.97
+    # and 10.98 are the two rounds of 40,000 new destinations as specified, 10.99 and 10.100
+    # two more with the outer packets routed by their protocol too (see below).
     lab.run(a, "ip addr add 10.42.1.0/32 dev tunl0 && ip link set tunl0 up && "
-               "ip route add 10.96.0.0/14 dev tunl0 && "
+               "ip route add 10.96.0.0/13 dev tunl0 && "
                f"ip rule add from {A_UL} lookup 100 && "
-               f"ip route add 10.96.0.0/14 via {B_UL} dev eth0 table 100")
+               f"ip route add 10.96.0.0/13 via {B_UL} dev eth0 table 100")
     pid = lab.status(a)["pid"]
 
     def kernel_dropped() -> int:
         return int(lab.run(a, "cat /sys/class/net/tunl0/statistics/tx_dropped").strip())
 
+    def b_rx() -> int:
+        return int(lab.run(b, "cat /sys/class/net/eth0/statistics/rx_packets").strip())
+
     def round_(base: str, n: int) -> dict:
-        tx0, kd0 = lab.counters(a, "tunl0")["tx_packets"], kernel_dropped()
+        tx0, kd0, rx0 = lab.counters(a, "tunl0")["tx_packets"], kernel_dropped(), b_rx()
         r0, c0 = rss_mb(pid), cpu_seconds(pid)
-        took, out = lab.timed(a, [PY, "-c", UDP_SENDER, base, str(n)], timeout=600)
-        # until tunld has sent what it will send
+        took, _ = lab.timed(a, [PY, "-c", UDP_SENDER, base, str(n)], timeout=600)
         last = [-1]
 
-        def settled() -> bool:
+        def settled() -> bool:         # tunld has sent what it will send
             tx = lab.counters(a, "tunl0")["tx_packets"]
             done = tx == last[0]
             last[0] = tx
@@ -1045,21 +1101,35 @@ def nbma(lab: Lab, args, res: Results) -> None:
         wait_for(settled, 30, step=0.5)
         r1, c1 = rss_mb(pid), cpu_seconds(pid)
         return {"sent": n, "tx": last[0] - tx0, "kernel_dropped": kernel_dropped() - kd0,
-                "rss_before": r0, "rss_after": r1, "cpu": c1 - c0, "secs": took}
+                "b_rx": b_rx() - rx0, "rss_before": r0, "rss_after": r1, "cpu": c1 - c0,
+                "secs": took}
+
+    def put(key: str, r: dict) -> None:
+        grow = r["rss_after"] - r["rss_before"]
+        res.put(key, f"{grow:+.1f} MB ({grow * MIB / r['sent']:+.0f} B per dest; RSS "
+                f"{mb(r['rss_after'])})", grow)
 
     warm = round_("10.96", 2000)
-    rounds = [round_("10.97", NBMA_ROUND), round_("10.98", NBMA_ROUND)]
-    res.values["nbma.detail"] = {"warmup": warm, "rounds": rounds}
-    for key, r in zip(("nbma.round1", "nbma.round2"), rounds):
-        grow = r["rss_after"] - r["rss_before"]
-        per = grow * MIB / max(r["tx"], 1)
-        res.put(key, f"{grow:+.1f} MB ({per:+.0f} B per dest; RSS {mb(r['rss_after'])}; "
-                f"{r['tx']:,} of {r['sent']:,} sent by tunld, {r['kernel_dropped']:,} dropped "
-                f"at tunl0's queue)", grow)
-    tx = sum(r["tx"] for r in rounds)
-    cpu = sum(r["cpu"] for r in rounds)
-    res.put("nbma.cost", f"{cpu / max(tx, 1) * 1e6:.0f} µs ({cpu:.1f} s for {tx:,} packets, "
-            f"paced at ≤5,000/s)", cpu / max(tx, 1))
+    spec = [round_("10.97", NBMA_ROUND), round_("10.98", NBMA_ROUND)]
+    put("nbma.round1", spec[0])
+    put("nbma.round2", spec[1])
+    sent, tx = sum(r["sent"] for r in spec), sum(r["tx"] for r in spec)
+    rx, kd = sum(r["b_rx"] for r in spec), sum(r["kernel_dropped"] for r in spec)
+    res.put("nbma.loop", f"{tx / sent:.1f} outer packets per datagram ({tx:,} for {sent:,}); "
+            f"{rx:,} packets reached b; {kd:,} dropped at tunl0's queue", tx / sent)
+    # The kernel routes tunld's raw (IPPROTO_RAW) sends without their source address, so
+    # the rule "from local" does not catch them; a rule on the protocol the kernel sees for
+    # them (255) does. With it, the same measurement without a loop.
+    lab.run(a, "ip rule add ipproto 255 lookup 100")
+    fixed = [round_("10.99", NBMA_ROUND), round_("10.100", NBMA_ROUND)]
+    put("nbma.u.round1", fixed[0])
+    put("nbma.u.round2", fixed[1])
+    sent, tx = sum(r["sent"] for r in fixed), sum(r["tx"] for r in fixed)
+    rx, cpu = sum(r["b_rx"] for r in fixed), sum(r["cpu"] for r in fixed)
+    res.put("nbma.cost", f"{cpu / max(tx, 1) * 1e6:.0f} µs ({cpu:.1f} s for {tx:,} outer "
+            f"packets, 1 per datagram, {rx:,} reached b; sender paced at ≤5,000/s)",
+            cpu / max(tx, 1))
+    res.values["nbma.detail"] = {"warmup": warm, "as_specified": spec, "ipproto_rule": fixed}
     if lab.status(a)["pid"] != pid:
         res.fail("nbma", "the data plane was restarted")
 
@@ -1088,6 +1158,8 @@ def table(rows: list[dict], res: Results, mach: dict, args, took: float) -> str:
     lines.append(sep)
     lines.append("before: recorded on this machine (2-core AMD EPYC VM) with tunl 0cb24e0, the "
                  "commit before tunld's supervisor, rtnl mirror and one egress thread")
+    for scen_, what in res.notes:
+        lines += textwrap.wrap(f"{scen_}: {what}", sum(WIDTHS) + 9, subsequent_indent="    ")
     for scen_, what in res.failures:
         lines.append(f"FAILED {scen_}: {what}")
     lines.append(f"machine: {mach['cpu']}, nproc {mach['nproc']}, kernel {mach['kernel']}, "
@@ -1149,6 +1221,7 @@ def main() -> int:
     if args.json:
         print(json.dumps({"routes": args.routes, "tunnels": args.tunnels, "only": args.only,
                           "machine": mach, "seconds": took, "metrics": rows,
+                          "notes": [{"scenario": a, "note": b} for a, b in res.notes],
                           "failures": [{"scenario": a, "what": b} for a, b in res.failures],
                           "detail": {k: v for k, v in res.values.items()
                                      if k not in BASELINE}}, indent=2, default=str))

@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-from ..errors import ConfigError, NoDaemonError, NotFoundError, TunlError
+from ..errors import ConfigError, DaemonError, NoDaemonError, NotFoundError, TunlError
 from ..model import TunnelSpec
 from . import grammar, planes, show
 
@@ -136,7 +136,9 @@ def do_daemon(argv: list[str], opts: dict) -> int:
         except TunlError as e:
             print(str(e))
             return 0
-        print(f"tunld {st['pid']} stopping; its userspace tunnels stay but carry no traffic "
+        if not client.wait_gone():
+            raise DaemonError(f"tunld {st['pid']} was asked to stop and is still running")
+        print(f"tunld {st['pid']} stopped; its userspace tunnels stay but carry no traffic "
               "until tunld runs again (any tunl command starts it)")
         return 0
     raise ConfigError(f'"{verb}": unknown command; tunl daemon {{ status | start | stop }}')

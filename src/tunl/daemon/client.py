@@ -61,6 +61,23 @@ def _connect(wait: float | None = None) -> socket.socket | None:
                           "TUNL_TIMEOUT=seconds waits longer)") from None
 
 
+def wait_gone(wait: float = START_TIMEOUT) -> bool:
+    """After a stop: wait until no tunld listens here (its processes have ended, their TUN
+    queues closed). False if one still does after `wait` seconds."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            s = _connect(0.2)
+        except DaemonError:
+            s = None
+            continue
+        if s is None:
+            return True
+        s.close()
+        time.sleep(0.02)
+    return False
+
+
 def start_daemon() -> None:
     """Start tunld (its supervisor, which starts the data plane) in this namespace, detached,
     and wait until its control socket is there."""
