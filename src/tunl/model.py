@@ -148,6 +148,8 @@ class TunnelSpec:
     def prl_changed(self, action: str, router: IPv4Address, default: bool) -> "TunnelSpec":
         """The spec after one prl word: "add" (prl-default, prl-nodefault) or "del"
         (prl-delete), with the errors of ipip6_tunnel_add_prl() and ipip6_tunnel_del_prl()."""
+        if action not in ("add", "del"):
+            raise ConfigError(f'prl action "{action}": it is "add" or "del"')
         if self.mode is not TunnelMode.ISATAP:
             raise ConfigError(f"prl on {self.name}: {self.name} is a {self.mode.value} tunnel; "
                               "only isatap tunnels have a potential router list")
@@ -177,8 +179,35 @@ class TunnelSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TunnelSpec":
+        """A spec from its JSON form (to_dict()), checked field by field: tunld takes these
+        from its control socket and its record, and neither may smuggle a wrong type in."""
+        if not isinstance(d, dict):
+            raise ConfigError("spec: must be an object")
+        for k, v in d.items():
+            kinds = SPEC_JSON.get(k)
+            if kinds is None:
+                raise ConfigError(f'spec field "{k}": a tunnel spec has no such field')
+            if not any(type(v) is t for t in kinds):      # exact: True is no int, 1 no bool
+                names = " or ".join("null" if t is type(None) else JSON_NAME[t] for t in kinds)
+                raise ConfigError(f'spec field "{k}": must be {names}')
+        if "name" not in d:
+            raise ConfigError('spec: the field "name" is required')
         d = dict(d)
-        d["mode"] = TunnelMode(d.get("mode", "ipip"))
+        try:
+            d["mode"] = TunnelMode(d.get("mode", "ipip"))
+        except ValueError:
+            raise ConfigError(f'mode "{d["mode"]}": not a tunnel mode') from None
+        prl = d.get("prl", ())
+        if not all(isinstance(e, list) and len(e) == 2 and type(e[0]) is str and
+                   type(e[1]) is bool for e in prl):
+            raise ConfigError('spec field "prl": must be a list of [address, default] pairs')
+        try:
+            return cls._from_checked(d)
+        except ValueError as e:                       # an address or prefix that is none
+            raise ConfigError(f"spec: {e}") from None
+
+    @classmethod
+    def _from_checked(cls, d: dict) -> "TunnelSpec":
         for k in ("remote", "local"):
             if d.get(k):
                 d[k] = IPv4Address(d[k])
@@ -188,6 +217,16 @@ class TunnelSpec:
         if d.get("ip6rd_relay_prefix"):
             d["ip6rd_relay_prefix"] = IPv4Network(d["ip6rd_relay_prefix"])
         return cls(**d)
+
+
+# the JSON types of each field of TunnelSpec.to_dict()
+SPEC_JSON = {"name": (str,), "mode": (str,), "remote": (str, type(None)),
+             "local": (str, type(None)), "ttl": (int,), "tos": (int,), "pmtudisc": (bool,),
+             "dev": (str, type(None)), "ikey": (int, type(None)), "okey": (int, type(None)),
+             "iseq": (bool,), "oseq": (bool,), "icsum": (bool,), "ocsum": (bool,),
+             "prl": (list,), "ip6rd_prefix": (str, type(None)),
+             "ip6rd_relay_prefix": (str, type(None))}
+JSON_NAME = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
 
 
 @dataclass(frozen=True)

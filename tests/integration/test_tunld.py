@@ -374,3 +374,26 @@ def test_a_local_address_gone_from_the_host_is_noroute_until_it_returns(nbma):
     assert st["tx_carrier_errors"] >= 3 and st["tx_drop"]["no_route"] >= 3, st   # NoRoute
     a.run("ip addr add 172.16.232.180/16 dev eth0")
     assert ping_back_after(a, "10.42.2.1") is not None
+
+
+def test_outer_packets_are_routed_from_the_local_address_as_the_path_was_looked_up(nbma):
+    """A source rule for the tunnel's local address routes its outer packets; tunld's raw
+    sends must take the route its own lookup (with that source) found, not loop back into
+    the tunnel through the main table."""
+    _, a, b = nbma
+    a.tunl(f"tunnel add tunl0 mode ipip local {A_UL}")
+    a.run("ip addr add 10.42.1.0/32 dev tunl0 && ip link set tunl0 up && "
+          "ip route add 10.99.0.0/16 dev tunl0 && "
+          f"ip rule add from {A_UL} lookup 100 && "
+          f"ip route add 10.99.0.0/16 via {B_UL} dev eth0 table 100")
+    cap = b.popen("tcpdump -n -l -i eth0 ip proto 4", stdout=subprocess.PIPE,
+                  stderr=subprocess.DEVNULL)
+    time.sleep(1)
+    a.run("python3 -c 'import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+          "for i in range(20): s.sendto(b\"x\", (\"10.99.1.%d\" % (i + 1), 9))'")
+    time.sleep(0.5)
+    cap.terminate()
+    seen, _ = cap.communicate(timeout=10)
+    outer = [line for line in seen.splitlines() if f"{A_UL} > 10.99.1." in line]
+    assert len(outer) == 20, seen
+    assert a.counters()["tx_packets"] == 20

@@ -1,6 +1,8 @@
 """TunnelSpec validation: every refusal is a ConfigError whose message names the word."""
 from ipaddress import IPv4Address, IPv4Network
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -221,3 +223,24 @@ def test_network():
     assert network("10.42.1.7/24", "subnet") == IPv4Network("10.42.1.0/24")
     with pytest.raises(ConfigError, match=r'^subnet "10\.42/33"'):
         network("10.42/33", "subnet")
+
+
+@pytest.mark.parametrize("fields, word", [
+    ({"ttl": 1.5}, '"ttl": must be an integer'),
+    ({"remote": 5}, '"remote": must be a string or null'),
+    ({"mode": "gre", "ikey": True}, '"ikey": must be an integer or null'),
+    ({"pmtudisc": "no"}, '"pmtudisc": must be true or false'),
+    ({"iseq": 1}, '"iseq": must be true or false'),
+    ({"mode": "nosuch"}, 'mode "nosuch": not a tunnel mode'),
+    ({"remote": "1.2.3"}, "spec: "),
+    ({"bogus": 1}, 'field "bogus": a tunnel spec has no such field'),
+    ({"mode": "isatap", "prl": [["192.0.2.1", "yes"]]}, '"prl": must be a list of'),
+])
+def test_a_spec_from_json_refuses_wrong_types_naming_the_field(fields, word):
+    with pytest.raises(ConfigError, match=re.escape(word)):
+        TunnelSpec.from_dict({"name": "t0", **fields})
+
+
+def test_a_spec_from_json_needs_a_name():
+    with pytest.raises(ConfigError, match='"name" is required'):
+        TunnelSpec.from_dict({"mode": "ipip"})

@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import sys
@@ -24,6 +25,7 @@ import time
 
 from . import CONTROL_ADDRESS
 from .process import STOP, name_process, netns_abandoned, recv_partner, spawn
+from .state import state_dir
 
 log = logging.getLogger("tunl.daemon")
 
@@ -127,6 +129,7 @@ class Supervisor:
                 if netns_abandoned(own):
                     log.info("the network namespace was deleted; stopping")
                     self.stop_worker()
+                    shutil.rmtree(state_dir(), ignore_errors=True)   # its record died with it
                     return 0
 
     def _restart(self, how: str) -> None:

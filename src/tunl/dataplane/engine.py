@@ -123,7 +123,7 @@ class Engine:
         self._tables: dict[int, dict] = {p: {} for p in TUNNEL_PROTOS}
         self._peers: frozenset = frozenset()
         self._receivers: dict[int, socket.socket] = {}
-        self._senders: dict[str | None, list] = {}     # dev -> [socket, users]
+        self._senders: dict[tuple, list] = {}     # (dev, local) -> [socket, users]
         self._stopping = False
         self._icmp = rawsock.receiver(PROTO_ICMP)
         self._wake_r, self._wake_w = os.pipe()
@@ -165,23 +165,30 @@ class Engine:
         except BlockingIOError:
             pass                 # already full of kicks: the thread wakes all the same
 
-    def _sender(self, dev: str | None):
-        """One raw sending socket per underlay device a tunnel is bound to (dev), shared."""
-        entry = self._senders.get(dev)
+    @staticmethod
+    def _sender_key(spec: TunnelSpec) -> tuple:
+        return spec.dev, str(spec.local) if spec.local else None
+
+    def _sender(self, spec: TunnelSpec):
+        """One raw sending socket per underlay device and local address, shared by the
+        tunnels that have both alike."""
+        key = self._sender_key(spec)
+        entry = self._senders.get(key)
         if entry is None:
-            entry = self._senders[dev] = [rawsock.sender(dev), 0]
+            entry = self._senders[key] = [rawsock.sender(*key), 0]
         entry[1] += 1
         return entry[0]
 
-    def _release(self, dev: str | None) -> None:
-        entry = self._senders[dev]
+    def _release(self, spec: TunnelSpec) -> None:
+        key = self._sender_key(spec)
+        entry = self._senders[key]
         entry[1] -= 1
         if entry[1] == 0:
-            del self._senders[dev]
+            del self._senders[key]
             entry[0].close()
 
     def add(self, spec: TunnelSpec, fd: int, ifindex: int, mtu: int) -> TunnelPlane:
-        t = TunnelPlane(spec, fd, ifindex, mtu, self._sender(spec.dev))
+        t = TunnelPlane(spec, fd, ifindex, mtu, self._sender(spec))
         self._receive(t.proto)
         self.tunnels[spec.name] = t
         self._by_fd = {**self._by_fd, fd: t}
@@ -201,9 +208,9 @@ class Engine:
 
     def reconfigure(self, spec: TunnelSpec) -> None:
         t = self.tunnels[spec.name]
-        old_dev = t.spec.dev
-        t.configure(spec, self._sender(spec.dev))
-        self._release(old_dev)
+        old = t.spec
+        t.configure(spec, self._sender(spec))
+        self._release(old)
         self._reindex()
 
     def remove(self, name: str) -> int:
@@ -226,7 +233,7 @@ class Engine:
             deadline = time.monotonic() + 2
             while self._epoch == epoch and time.monotonic() < deadline:
                 time.sleep(0.001)
-        self._release(t.spec.dev)
+        self._release(t.spec)
         return t.fd
 
     def set_state(self, name: str, routes: list[Route] | None, up: bool, mtu: int,
