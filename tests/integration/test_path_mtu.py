@@ -136,3 +136,21 @@ def test_a_tcp_stream_completes_when_the_underlay_mtu_drops_under_it(link):
         assert drops(a, "tunl0").get("too_big", 0) >= 1
     finally:
         os.unlink(src)
+
+
+def test_without_pmtudisc_the_outer_packet_is_fragmented_as_the_kernel_sends_it(link):
+    """nopmtudisc: no DF outside (for inner packets without DF), so a packet that does not
+    fit the path leaves in outer fragments (ip_do_fragment()), the inner packet whole."""
+    a, b, set_mtu = link
+    for h in (a, b):
+        h.tunl("tunnel change tunl0 nopmtudisc")
+    set_mtu(1400)
+    cap = b.popen("tcpdump -n -v -l -c 2 -i eth0 ip proto 4 and src " + A_UL, stdout=-1,
+                  stderr=-1)
+    time.sleep(1)
+    assert_answers(a, "10.42.2.1", "-M dont -s 1450")
+    out, _ = cap.communicate(timeout=10)
+    # the first outer fragment carries the inner header; both have the outer's id, no DF
+    assert "flags [+]" in out and "proto IPIP (4), length 1396" in out, out
+    assert "[DF]" not in out, out
+    assert drops(a, "tunl0").get("send_failed", 0) == 0

@@ -129,4 +129,41 @@ def test_a_damaged_record_takes_back_nothing_it_cannot_read(tmp_path):
     assert list(st.load()) == ["b"]
     with open(st.path, "w") as f:
         f.write("{not json")
-    assert st.load() == {}
+    assert st.load(move_bad=False) is None and os.path.exists(st.path)
+    assert st.load() is None                       # none: tunld falls back to the aliases
+    assert not os.path.exists(st.path) and os.path.exists(st.path + ".bad")
+
+
+def test_no_record_is_none_and_an_empty_one_is_empty(tmp_path):
+    st = State(str(tmp_path / "ns"))
+    assert st.load() is None and st.has_tunnels() is None
+    st.save({})
+    assert st.load() == {} and st.has_tunnels() is False
+
+
+def test_a_replace_that_moves_a_route_to_another_device_drops_it_from_the_tunnel():
+    m = mirrored()
+    moved = RouteMsg(True, AF_INET, IPv4Network("10.42.2.0/24"), IPv4Address("172.16.0.9"), 2,
+                     254, 0, 0, 1, (), True)
+    assert m.apply([moved]).routes == {TUN}
+    assert m.tunnel_routes(TUN) == []
+
+
+def test_the_kernels_silent_flushes_ask_for_a_dump():
+    m = mirrored()
+    # fib_sync_down_dev(): a device going down loses its IPv4 routes without RTM_DELROUTE
+    assert m.apply([LinkMsg(True, TUN, "tunl0", 1480, False, "tun")]).redump == {TUN}
+    assert m.apply([LinkMsg(True, TUN, "tunl0", 1480, False, "tun")]).redump == set()
+    # fib_sync_down_addr(): an IPv4 address going anywhere may take routes with it
+    gone = AddrMsg(False, AF_INET, 2, IPv4Address("172.16.0.1"), 24)
+    assert m.apply([gone]).redump == {TUN}
+    m.reload(TUN, [route("10.42.5.0/24", "172.16.0.5")])
+    assert [str(r.dst) for r in m.tunnel_routes(TUN)] == ["10.42.5.0/24"]
+
+
+def test_a_full_load_refreshes_every_tunnel_and_finds_the_ones_gone():
+    m = Mirror()
+    ch = m.load({TUN, 9}, [route("10.42.2.0/24", "172.16.0.2")],
+                [LinkMsg(True, TUN, "tunl0", 1480, True, "tun")], [])
+    assert ch.routes == ch.links == ch.prefixes == {TUN, 9}
+    assert ch.gone == {9} and ch.redump == set() and ch.any

@@ -19,7 +19,7 @@ def engine(answer):
     e = Engine.__new__(Engine)          # no sockets: only the next-hop logic is exercised
     e.asked_for = []
 
-    def route_via(dst, src=None):
+    def route_via(dst, src=None, dev=None):
         e.asked_for.append(dst)
         return answer
     e.route_via = route_via

@@ -2,9 +2,10 @@
 userspace tunnels. `auto` takes the kernel where it has (or can load) the mode's module."""
 from __future__ import annotations
 
+import os
 
 from ..errors import UnsupportedError
-from ..model import TunnelMode, TunnelSpec
+from ..model import ALIAS_PREFIX, TunnelMode, TunnelSpec
 
 
 def kernel_tunnels():
@@ -31,10 +32,23 @@ def call(op: str, autostart: bool = True, **args):
 
 
 def userspace_devices() -> bool:
-    """Whether tunld's record says this namespace has userspace tunnels: then a `show`
-    starts tunld to take them back; otherwise it need not start one."""
+    """Whether this namespace has userspace tunnels for tunld to take back: its record says
+    so, or, with no record, a TUN device carries a tunl alias. Then a `show` starts tunld;
+    otherwise it need not start one."""
     from ..daemon.state import State
-    return State().has_tunnels()
+    recorded = State().has_tunnels()
+    if recorded is not None:
+        return recorded
+    import glob
+    for path in glob.glob("/sys/class/net/*/ifalias"):
+        try:
+            with open(path) as f:
+                if f.read().startswith(ALIAS_PREFIX) and os.path.exists(
+                        os.path.join(os.path.dirname(path), "tun_flags")):
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def kernel_owner(name: str) -> TunnelSpec | None:

@@ -15,7 +15,7 @@ from ..model import Route
 
 RTN_UNICAST = 1
 RT_TABLE_LOCAL = 255
-AF_INET6 = 10
+AF_INET, AF_INET6 = 2, 10
 
 
 @dataclass
@@ -27,6 +27,9 @@ class Changes:
     prefixes: set = field(default_factory=set)
     links: set = field(default_factory=set)
     gone: set = field(default_factory=set)
+    # tunnels whose routes the kernel may have removed without a word (fib_sync_down_dev()
+    # when a device goes down, fib_sync_down_addr() when an IPv4 address goes): dump them again
+    redump: set = field(default_factory=set)
     any: bool = False
 
     def update(self, other: "Changes") -> None:
@@ -34,6 +37,7 @@ class Changes:
         self.prefixes |= other.prefixes
         self.links |= other.links
         self.gone |= other.gone
+        self.redump |= other.redump
         self.any = self.any or other.any
 
 
@@ -76,7 +80,8 @@ class Mirror:
         for m in addrs:
             self._addr(m)
         gone = {i for i in self.watched if i not in self.links}
-        return Changes(set(self.watched), set(self.watched), set(self.watched), gone, True)
+        w = self.watched
+        return Changes(routes=set(w), prefixes=set(w), links=set(w), gone=gone, any=True)
 
     def apply(self, msgs) -> Changes:
         ch = Changes()
@@ -84,19 +89,43 @@ class Mirror:
             ch.any = True
             kind = type(m).__name__
             if kind == "RouteMsg":
+                if m.replace and m.new:
+                    ch.routes |= self._replaced(m)
                 if m.oif in self.watched and self._route(m):
                     ch.routes.add(m.oif)
             elif kind == "LinkMsg":
+                old = self.links.get(m.index)
                 if m.new:
                     self.links[m.index] = m
                 else:
                     self.links.pop(m.index, None)
                 if m.index in self.watched:
                     (ch.links if m.new else ch.gone).add(m.index)
+                    if m.new and old is not None and old.up != m.up:
+                        ch.redump.add(m.index)
             elif kind == "AddrMsg":
                 if m.index in self.watched and self._addr(m):
                     ch.prefixes.add(m.index)
+                if not m.new and m.family == AF_INET:
+                    ch.redump |= self.watched
         return ch
+
+    def _replaced(self, m) -> set[int]:
+        """A route that replaced another with its key drops that one from every other tunnel
+        (a replace may move a route to another device)."""
+        key = _route_key(m)
+        out = set()
+        for index, table in self.routes.items():
+            if index != m.oif and table.pop(key, None) is not None:
+                out.add(index)
+        return out
+
+    def reload(self, ifindex: int, routes) -> None:
+        """One tunnel's routes anew, from a dump of its device."""
+        if ifindex in self.watched:
+            self.routes[ifindex] = {}
+            for m in routes:
+                self._route(m)
 
     def _route(self, m) -> bool:
         table = self.routes.get(m.oif)
@@ -131,6 +160,12 @@ class Mirror:
 
     def tunnel_prefixes(self, ifindex: int) -> tuple:
         return tuple(self.prefixes.get(ifindex, ()))
+
+    def index(self, name: str) -> int | None:
+        for i, m in list(self.links.items()):
+            if m.name == name:
+                return i
+        return None
 
     def mtu(self, ifindex: int) -> int | None:
         m = self.links.get(ifindex)

@@ -22,8 +22,8 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 from ..dataplane import tun
 from ..dataplane.engine import Engine
-from ..errors import (ConfigError, ExistsError, ForeignDeviceError, NotFoundError, TunlError,
-                      UnsupportedError)
+from ..errors import (ConfigError, DaemonError, ExistsError, ForeignDeviceError,
+                      NotFoundError, TunlError, UnsupportedError)
 from ..dataplane.ratelimit import RateLimitedLog
 from ..kernel import Kernel, rtnl
 from ..kernel.netlink import disable_ipv6, no_link_local
@@ -41,6 +41,7 @@ LOG = RateLimitedLog(log)
 UNDERLAY_MTU = 1500   # ETH_DATA_LEN: the kernel's guess when a tunnel has no underlay device
 PATH_REFRESH = 1.0    # seconds: paths to outer destinations are looked up again this often
 COALESCE = 0.05       # seconds: the data plane's route tables are rebuilt at most this often
+RESYNC_INTERVAL = 30.0  # seconds: everything is dumped again this often, whatever the events
 AF_INET6 = socket.AF_INET6
 
 # the requests tunld takes: op -> argument -> (JSON types, required)
@@ -78,6 +79,7 @@ class Tunld:
         self._watcher = threading.Thread(target=self._watch, name="kernel-events", daemon=True)
         self._events: rtnl.Events | None = None
         self.resyncs = 0
+        self.overflows = 0
         self.supervisor_pid = 0
         self.stop_requested = False
         self.log_path = log_path()
@@ -88,10 +90,12 @@ class Tunld:
             r = self._per_thread.rtnl = rtnl.Rtnl()
         return r
 
-    def _route_via(self, dst: str, src: str | None = None):
+    def _route_via(self, dst: str, src: str | None = None, dev: str | None = None):
         """For the data plane's threads (each with its own netlink socket): the kernel's
-        route to dst from src, as (ifindex, gateway, path MTU), None if it has none."""
-        got = self._rtnl().route_get(dst, src)
+        route to dst from src (out of dev, as ip_tunnel_xmit() asks with parms.link), as
+        (ifindex, gateway, path MTU); None if it has none."""
+        oif = self.mirror.index(dev) if dev else None
+        got = self._rtnl().route_get(dst, src, oif)
         if isinstance(got, int):
             return None
         mtu = got.mtu or self.mirror.mtu(got.oif) or UNDERLAY_MTU
@@ -102,37 +106,80 @@ class Tunld:
     def reclaim(self) -> None:
         """Take back the tunnels this namespace's tunld made, by its own record: the device
         must still be a TUN device with the same ifindex. An alias changed by hand is put
-        back; a device that only claims to be tunl's (its alias) is left alone."""
+        back; a device that only claims to be tunl's (its alias) is left alone. With no
+        record at all (tunl 0.1 kept none, or /run was wiped while the devices stayed), the
+        TUN devices whose alias is tunl's are taken back once, and recorded from then on."""
         links = {link.name: link for link in self.kernel.links()}
-        for name, (ifindex, spec) in self.state.load().items():
+        recorded = self.state.load()
+        if recorded is None:
+            recorded = {link.name: (link.index, spec) for link in links.values()
+                        if link.kind == "tun" and (spec := spec_from_alias(link.alias))
+                        is not None and spec.name == link.name}
+            if recorded:
+                log.warning("no record of tunl's tunnels here; taking back %s by their alias",
+                            " ".join(sorted(recorded)))
+        for name, (ifindex, spec) in recorded.items():
             link = links.get(name)
             if link is None or link.kind != "tun" or link.index != ifindex:
                 log.warning("%s is gone or is another device now; forgetting it", name)
                 continue
-            try:
-                fd = tun.attach(link.name)
-            except (TunlError, OSError) as e:     # one bad device must not stop the rest
-                log.error("cannot take back %s: %s", link.name, e)
-                continue
-            try:
-                self.engine.add(spec, fd, link.index, link.mtu)
-            except (TunlError, OSError) as e:
-                os.close(fd)
-                log.error("cannot take back %s: %s", link.name, e)
-                continue
-            self.records[name] = (ifindex, spec)
-            if link.alias != spec_to_alias(spec):
-                self.kernel.set_link(name, alias=spec_to_alias(spec))
-                log.warning("%s: its alias was changed; put back", name)
-            log.info("took back %s", link.name)
+            self.records[name] = (ifindex, spec)      # kept even if it cannot be opened now
+            self._take_back(name, ifindex, spec, link)
         for link in links.values():
             if link.name not in self.records and spec_from_alias(link.alias) is not None:
                 log.warning("%s has a tunl alias but tunl did not create it; left alone",
                             link.name)
-        self._save()
+        try:
+            self._save()
+        except DaemonError:
+            pass                  # logged; the tunnels run, and the next change tries again
+
+    def _take_back(self, name: str, ifindex: int, spec: TunnelSpec, link) -> bool:
+        try:
+            fd = tun.attach(name)
+        except (TunlError, OSError) as e:     # one bad device must not stop the rest
+            LOG.error("cannot take back %s yet: %s", name, e, key=("attach", name))
+            return False
+        try:
+            self.engine.add(spec, fd, ifindex, link.mtu)
+        except (TunlError, OSError) as e:
+            os.close(fd)
+            LOG.error("cannot take back %s yet: %s", name, e, key=("attach", name))
+            return False
+        if link.alias != spec_to_alias(spec):
+            try:
+                self.kernel.set_link(name, alias=spec_to_alias(spec))
+                log.warning("%s: its alias was changed; put back", name)
+            except TunlError as e:
+                log.error("%s: cannot put its alias back: %s", name, e)
+        log.info("took back %s", name)
+        return True
+
+    def _retry_take_back(self) -> None:
+        """Recorded tunnels that could not be opened at start (a queue held elsewhere)."""
+        waiting = [n for n in self.records if n not in self.engine.tunnels]
+        if not waiting:
+            return
+        links = {link.name: link for link in self.kernel.links()}
+        for name in waiting:
+            ifindex, spec = self.records[name]
+            link = links.get(name)
+            if link is None or link.kind != "tun" or link.index != ifindex:
+                del self.records[name]
+                self._save()
+            elif self._take_back(name, ifindex, spec, link):
+                self._watch_tunnel(self.engine.tunnels[name])
 
     def _save(self) -> None:
-        self.state.save(self.records)
+        """Write the record. A failure is logged, and the tunnels go on: they are lost only
+        if tunld also restarts before the record can be written."""
+        try:
+            self.state.save(self.records)
+        except OSError as e:
+            LOG.error("cannot write the record of tunl's tunnels %s: %s", self.state.path, e,
+                      key="save")
+            raise DaemonError(f"cannot record the tunnels in {self.state.path}: "
+                              f"{e.strerror}") from e
 
     def _record(self, t) -> None:
         self.records[t.spec.name] = (t.ifindex, t.spec)
@@ -144,7 +191,8 @@ class Tunld:
         return {t.ifindex for t in self.engine.tunnels.values()}
 
     def _resync(self, r: rtnl.Rtnl) -> None:
-        """Everything from full dumps: at start and after the event socket overflowed."""
+        """Everything from full dumps: at start, after the event socket overflowed, and every
+        RESYNC_INTERVAL in case the kernel changed something without an event."""
         self.resyncs += 1
         want = self._watched()
         changes = self.mirror.load(want, r.dump_routes(want), r.dump_links(),
@@ -158,6 +206,14 @@ class Tunld:
             if t is not None:
                 self._forget(t.spec.name)
                 log.info("%s was deleted", t.spec.name)
+        for index in ch.redump:
+            if index in by_index:
+                self.mirror.reload(index, self._rtnl().dump_routes({index}))
+                ch.routes.add(index)
+        for index in ch.links:
+            t, link = by_index.get(index), self.mirror.links.get(index)
+            if t is not None and link is not None and link.name and link.name != t.spec.name:
+                self._renamed(t, link.name)
         for index in ch.routes | ch.prefixes | ch.links:
             t = by_index.get(index)
             link = self.mirror.links.get(index)
@@ -171,56 +227,79 @@ class Tunld:
         if ch.any:
             self.engine.paths_changed()
 
+    def _renamed(self, t, name: str) -> None:
+        """`ip link set OLD name NEW`: the kernel's tunnels keep working under a new name,
+        and so do tunl's."""
+        old = t.spec.name
+        self.engine.rename(old, name)
+        self.records.pop(old, None)
+        self._record(t)
+        try:
+            self.kernel.set_link(name, alias=spec_to_alias(t.spec))
+        except TunlError as e:
+            log.error("%s: cannot update its alias: %s", name, e)
+        log.info("%s is now called %s", old, name)
+
     def _forget(self, name: str) -> None:
         t = self.engine.tunnels.get(name)
         if t is not None:
             self.mirror.unwatch(t.ifindex)
             os.close(self.engine.remove(name))
         if self.records.pop(name, None) is not None:
-            self._save()
+            try:
+                self._save()
+            except DaemonError:
+                pass          # logged; a stale entry is dropped when its device is not found
 
     def _watch(self) -> None:
         """Follow the kernel's events. The mirror takes each batch at once (dict updates), and
         so does the data plane for links, addresses and paths; its route tables are rebuilt
         at most every COALESCE seconds, so that a burst of routes costs a few rebuilds, not
-        one per route (meanwhile the data plane asks the kernel about a route it lacks)."""
+        one per route (meanwhile the data plane asks the kernel about a route it lacks).
+        Paths to outer destinations are looked up again after any event, and at least every
+        PATH_REFRESH (for the MTUs the kernel learns and forgets on its own)."""
         r = self._rtnl()
         poller = select.poll()
         poller.register(self._events.fileno(), select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
         routes: set[int] = set()          # tunnels whose route table waits to be rebuilt
-        last_push = 0.0
+        now = time.monotonic()
+        last_push, next_refresh, next_resync = 0.0, now + PATH_REFRESH, now + RESYNC_INTERVAL
         while self.running:
-            if routes:
-                timeout = max(0.0, last_push + COALESCE - time.monotonic())
-            else:
-                timeout = PATH_REFRESH
-            ready = poller.poll(timeout * 1000)
+            now = time.monotonic()
+            due = min(next_refresh, next_resync, last_push + COALESCE if routes else next_refresh)
+            ready = poller.poll(max(0.0, due - now) * 1000)
             if any(fd == self._stop_r for fd, _ in ready):
                 return
             try:
                 with self.lock:
+                    now = time.monotonic()
                     if ready:
                         msgs = self._events.read(self._watched())
                         if msgs is None:                 # overflow: events were lost
                             log.warning("kernel events overflowed; resynchronising")
+                            self.overflows += 1
                             self._resync(r)
                             routes = set()
                             last_push = time.monotonic()
                             continue
                         ch = self.mirror.apply(msgs)
+                        ch.any = True        # also routes of other devices, filtered out
                         routes |= ch.routes
                         ch.routes = set()
                         self._apply(ch)
-                    elif not routes:
-                        # a second without events: look paths up again, for the MTUs the
-                        # kernel learns and forgets (route exceptions) on its own
+                    if now >= next_resync:
+                        self._resync(r)
+                        self._retry_take_back()
+                        routes, last_push = set(), now
+                        next_resync = now + RESYNC_INTERVAL
+                    if now >= next_refresh:
                         self.engine.paths_changed()
-                        continue
-                    if routes and time.monotonic() >= last_push + COALESCE:
+                        next_refresh = now + PATH_REFRESH
+                    if routes and now >= last_push + COALESCE:
                         self._apply(Changes(routes=routes))
                         routes = set()
-                        last_push = time.monotonic()
+                        last_push = now
             except Exception:         # a bug must not stop the mirror: log it, go on
                 LOG.exception("kernel events", key="events")
                 routes = set()
@@ -292,7 +371,7 @@ class Tunld:
     def op_add(self, spec: dict, dataplane: str = "auto") -> dict:
         s = _spec(spec)
         self._check_dataplane(s, dataplane)
-        if self.kernel.link(s.name) is not None:
+        if s.name in self.engine.tunnels or self.kernel.link(s.name) is not None:
             raise ExistsError(f'add tunnel "{s.name}" failed: File exists')
         for other in self.engine.tunnels.values():
             o = other.spec
@@ -313,7 +392,12 @@ class Tunld:
             tun.destroy(fd)
             raise
         t = self.engine.add(s, fd, link.index, link.mtu)
-        self._record(t)
+        try:
+            self._record(t)
+        except DaemonError:
+            self.records.pop(s.name, None)           # unrecorded: it would be lost; undo
+            tun.destroy(self.engine.remove(s.name))
+            raise
         self._watch_tunnel(t)
         return self._status(s.name)
 
@@ -364,10 +448,8 @@ class Tunld:
     def op_del(self, name: str) -> dict:
         t = self._ours(name, "delete")
         self.mirror.unwatch(t.ifindex)
-        fd = self.engine.remove(name)
-        self.records.pop(name, None)
-        self._save()
-        tun.destroy(fd)
+        tun.destroy(self.engine.remove(name))
+        self._forget(name)
         return {"deleted": name}
 
     def _status(self, name: str) -> dict:
@@ -386,6 +468,7 @@ class Tunld:
         return {"pid": os.getpid(), "supervisor": self.supervisor_pid,
                 "tunnels": sorted(self.engine.tunnels), "engine": self.engine.stats(),
                 "threads": threading.active_count(), "resyncs": self.resyncs,
+                "overflows": self.overflows,
                 "log": self.log_path}
 
     def op_routes(self, name: str) -> list[list]:

@@ -43,16 +43,24 @@ class State:
         self.dir = directory or state_dir()
         self.path = os.path.join(self.dir, "tunnels.json")
 
-    def load(self) -> dict[str, tuple[int, TunnelSpec]]:
+    def load(self, move_bad: bool = True) -> dict[str, tuple[int, TunnelSpec]] | None:
+        """The record; None when there is none (a damaged one is none, and moved aside to
+        tunnels.json.bad unless move_bad is false)."""
         try:
             with open(self.path) as f:
                 raw = json.load(f)
+            entries = raw["tunnels"].items()
         except FileNotFoundError:
-            return {}
-        except (OSError, ValueError):
-            return {}              # unreadable: no tunnel is taken back on its word
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            if move_bad:
+                try:
+                    os.replace(self.path, self.path + ".bad")
+                except OSError:
+                    pass
+            return None
         out = {}
-        for name, entry in raw.get("tunnels", {}).items():
+        for name, entry in entries:
             try:
                 out[name] = (int(entry["ifindex"]), TunnelSpec.from_dict(entry["spec"]))
             except (KeyError, TypeError, ValueError, TunlError):    # one bad entry: skip it
@@ -70,5 +78,7 @@ class State:
             json.dump(data, f, indent=1)
         os.replace(tmp, self.path)
 
-    def has_tunnels(self) -> bool:
-        return bool(self.load())
+    def has_tunnels(self) -> bool | None:
+        """Whether the record lists tunnels; None when there is no record to say."""
+        record = self.load(move_bad=False)
+        return None if record is None else bool(record)

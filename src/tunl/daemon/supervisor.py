@@ -36,7 +36,7 @@ MAX_BACKOFF = 5.0
 
 
 class Supervisor:
-    def __init__(self, listener: socket.socket, worker_args: list[str]):
+    def __init__(self, listener: socket.socket | None, worker_args: list[str]):
         self.listener = listener
         self.worker_args = worker_args
         self.partner: socket.socket | None = None
@@ -78,10 +78,11 @@ class Supervisor:
         except OSError:
             pass
         deadline = time.monotonic() + STOP_TIMEOUT
-        self.partner.setblocking(True)
+        waiter = select.poll()           # poll, not select: the fd may be above 1024
+        waiter.register(self.partner, select.POLLIN)
         while time.monotonic() < deadline:
-            r, _, _ = select.select([self.partner], [], [], max(0.0, deadline - time.monotonic()))
-            if r and recv_partner(self.partner) == b"":
+            if waiter.poll(max(0.0, deadline - time.monotonic()) * 1000) and \
+                    recv_partner(self.partner) == b"":
                 break
         else:
             try:
@@ -92,16 +93,24 @@ class Supervisor:
         self.partner.close()
         self.partner = None
 
-    def run(self) -> int:
-        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    def catch_signals(self) -> None:
+        """SIGTERM, SIGINT and SIGHUP stop tunld in order; set before anything is started, so
+        that a stop in the first moments is not undone."""
+        self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+
+    def run(self) -> int:
+        wake_r = self._wake_r
         next_check = time.monotonic() + CHECK_INTERVAL
         while True:
-            fds = [wake_r] + ([self.partner] if self.partner is not None else [])
+            waiter = select.poll()          # poll, not select: fds may be above 1024
+            waiter.register(wake_r, select.POLLIN)
+            if self.partner is not None:
+                waiter.register(self.partner, select.POLLIN)
             timeout = max(0.0, next_check - time.monotonic())
-            ready, _, _ = select.select(fds, [], [], timeout)
+            ready = {fd for fd, _ in waiter.poll(timeout * 1000)}
             if wake_r in ready:
                 try:
                     os.read(wake_r, 64)
@@ -111,7 +120,7 @@ class Supervisor:
                 log.info("stopping")
                 self.stop_worker()
                 return 0
-            if self.partner is not None and self.partner in ready:
+            if self.partner is not None and self.partner.fileno() in ready:
                 said = recv_partner(self.partner)
                 if said and STOP in said:
                     self.stop_requested = True
@@ -173,15 +182,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s tunld[%(process)d] %(levelname)s %(message)s")
     name_process("supervisor")
+    worker_args = (["-v"] if args.verbose else []) + (["--service"] if args.service else [])
+    sup = Supervisor(None, worker_args)
+    sup.catch_signals()
     if args.listen_fd is not None:
         listener = socket.socket(fileno=args.listen_fd)
     else:
         listener = bind_control()
-        if listener is None:
+        if listener is None and args.service:
+            # a tunl command started one first: the service takes over when it ends
+            log.info("another tunld serves this network namespace; waiting for it to end")
+            while listener is None and not sup.stopping:
+                time.sleep(0.5)
+                listener = bind_control()
+            if listener is None:
+                return 0
+        elif listener is None:
             print("tunld: another tunld already serves this network namespace", file=sys.stderr)
             return 0
-    worker_args = (["-v"] if args.verbose else []) + (["--service"] if args.service else [])
-    sup = Supervisor(listener, worker_args)
+    sup.listener = listener
     if args.adopt:
         partner = socket.socket(fileno=args.partner_fd)
         partner.setblocking(False)

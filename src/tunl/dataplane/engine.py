@@ -107,17 +107,18 @@ class TunnelPlane:
 
 
 class Engine:
-    """route_via(dst, src=None) -> (ifindex, gateway, mtu) of the kernel's route to an IPv4
-    address (from `src`, which must be an address of this host), None when the kernel cannot
-    route it; mtu is the path MTU the route gives (its mtu metric, else its device's). The
-    daemon gives it, since only kernel/ talks netlink."""
+    """route_via(dst, src=None, dev=None) -> (ifindex, gateway, mtu) of the kernel's route to
+    an IPv4 address (from `src`, which must be an address of this host, out of device `dev`),
+    None when the kernel cannot route it; mtu is the path MTU the route gives (its mtu metric,
+    else its device's). The daemon gives it, since only kernel/ talks netlink."""
 
     def __init__(self, clock: Callable[[], float],
-                 route_via: Callable[..., tuple | None] = lambda dst, src=None: None):
+                 route_via: Callable[..., tuple | None] = lambda dst, src=None, dev=None: None):
         self.route_via = route_via
         self.tunnels: dict[str, TunnelPlane] = {}
         self.pmtu = PmtuCache(clock)
         self._unmatched: list[Counter] = []    # received packets no tunnel took, by reason
+        self._ingress_busy: list[list[int]] = []
         self.icmp_frag_needed = 0
         # proto -> GRE key (None: no key) -> ((local, remote, plane), ...) of the up tunnels
         self._tables: dict[int, dict] = {p: {} for p in TUNNEL_PROTOS}
@@ -213,6 +214,11 @@ class Engine:
         self._release(old)
         self._reindex()
 
+    def rename(self, old: str, new: str) -> None:
+        t = self.tunnels.pop(old)
+        t.spec = t.spec.with_(name=new)
+        self.tunnels[new] = t
+
     def remove(self, name: str) -> int:
         """Take a tunnel out of the data plane; returns its TUN fd for the caller to close or
         destroy, once the egress thread can no longer be reading it."""
@@ -226,12 +232,17 @@ class Engine:
             self._epoll.unregister(t.fd)
         except OSError:
             pass
+        deadline = time.monotonic() + 2
         if self._started and self._threads[1].is_alive():
             # wait until the egress thread is back from epoll: then it holds no stale event
             epoch = self._epoch
             self._kick()
-            deadline = time.monotonic() + 2
             while self._epoch == epoch and time.monotonic() < deadline:
+                time.sleep(0.001)
+        # and until no ingress thread is between its lookup and its write to the queue
+        for busy in list(self._ingress_busy):
+            seen = busy[0]
+            while seen & 1 and busy[0] == seen and time.monotonic() < deadline:
                 time.sleep(0.001)
         self._release(t.spec)
         return t.fd
@@ -316,8 +327,14 @@ class Engine:
                         break
                     except OSError as e:
                         if not t.stopping:
+                            # the device is gone (EBADFD): stop polling its queue, which
+                            # would report the error forever; the kernel's event removes it
                             LOG.error("%s: reading the device failed: %s", t.spec.name, e,
                                       key="read")
+                            try:
+                                self._epoll.unregister(fd)
+                            except OSError:
+                                pass
                         break
                     try:
                         self._send(t, buf, view, n)
@@ -331,7 +348,7 @@ class Engine:
         back into this very device is DeadLoop."""
         if len(t.paths) > MAX_PATHS:
             t.paths = {}
-        via = self.route_via(socket.inet_ntoa(dst), t.local)
+        via = self.route_via(socket.inet_ntoa(dst), t.local, t.spec.dev)
         if via is None:
             path = (Drop.NO_ROUTE, 0)
         elif via[0] == t.ifindex:
@@ -428,13 +445,19 @@ class Engine:
     def _too_big(self, t: TunnelPlane, buf, view, n: int, ver: int, dst: bytes, addr,
                  mtu: int) -> None:
         """A packet whose outer packet would not fit the path MTU (tnl_update_pmtu(),
-        ipip6_tunnel_xmit() for sit): IPv4 with DF and IPv6 get ICMP fragmentation needed or
-        Packet Too Big with the MTU inside the tunnel, never a silent drop; IPv4 without DF
-        is fragmented before it is encapsulated; IPv6 on a path under 1280 + the headers goes
-        out in outer fragments (sit clears DF there)."""
+        ipip6_tunnel_xmit() for sit). Without pmtudisc the outer packet has no DF (unless the
+        inner IPv4 has it) and goes out in fragments, as the kernel sends it. Otherwise IPv4
+        with DF and IPv6 get ICMP fragmentation needed or Packet Too Big with the MTU inside
+        the tunnel, never a silent drop; IPv4 without DF is fragmented before it is
+        encapsulated; IPv6 on a path under 1280 + the headers goes out in outer fragments
+        (sit clears DF there; gre would drop it silently, tunl sends it the same way)."""
         H = HEADROOM
         inner_mtu = mtu - t.codec.overhead
         inner = view[H:H + n]
+        if not t.spec.pmtudisc and (ver == 6 or not inner[6] & 0x40):
+            # no DF outside: the kernel fragments the outer packet (ip_do_fragment())
+            self._send_outer_fragments(t, buf, view, n, dst, addr, mtu)
+            return
         if ver == 4:
             if not inner[6] & 0x40:
                 pieces = ipv4.fragment(inner, inner_mtu)
@@ -465,8 +488,9 @@ class Engine:
 
     def _send_outer_fragments(self, t: TunnelPlane, buf, view, n: int, dst: bytes, addr,
                               mtu: int) -> None:
-        """ipip6_tunnel_xmit(): under IPV6_MIN_MTU the outer packet goes without DF, and
-        the kernel fragments it (ip_do_fragment()); a raw socket does not, so tunl does."""
+        """An outer packet without DF that does not fit the path (nopmtudisc, or sit under
+        IPV6_MIN_MTU, where ipip6_tunnel_xmit() clears DF): the kernel fragments it
+        (ip_do_fragment()); a raw socket does not, so tunl does."""
         H = HEADROOM
         t.ident = (t.ident + 1) & 0xFFFF or 1
         start = t.codec.encap(buf, H, n, dst, t.ident)
@@ -500,6 +524,9 @@ class Engine:
         waiter.register(self._wake_r, select.POLLIN)
         unmatched: Counter = Counter()      # this thread's own: no lost increments
         self._unmatched.append(unmatched)
+        # odd while a packet is being handed to a tunnel: remove() waits for it to move on
+        busy = [0]
+        self._ingress_busy.append(busy)
         while not self._stopping:
             try:
                 n = recv_into(buf)
@@ -510,11 +537,13 @@ class Engine:
                 if self._stopping:
                     return
                 continue
+            busy[0] += 1
             try:
                 self._receive_one(proto, demux, buf, view, n, unmatched)
             except Exception:          # a bug must not stop the protocol: count it, go on
                 LOG.exception("ingress %d", proto, key="ingress")
                 unmatched[Drop.INTERNAL] += 1
+            busy[0] += 1
 
     def _receive_one(self, proto, demux, buf, view, n: int, unmatched: Counter) -> None:
         r = demux(buf, n)

@@ -55,6 +55,7 @@ NLM_F_MULTI = 0x02
 NLM_F_ACK = 0x04
 NLM_F_DUMP_INTR = 0x10
 NLM_F_ROOT = 0x100
+NLM_F_REPLACE = 0x100      # the same bit, in a new-route message
 NLM_F_MATCH = 0x200
 NLM_F_DUMP = NLM_F_ROOT | NLM_F_MATCH
 NLA_TYPE_MASK = 0x3FFF      # ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER)
@@ -155,6 +156,8 @@ class RouteMsg:
     tos: int                    # rtm_tos
     type: int                   # rtm_type: RTN_UNICAST, RTN_LOCAL, RTN_BLACKHOLE …
     multipath_oifs: tuple[tuple[int, Address | None], ...] = ()  # (ifindex, gateway) per hop
+    replace: bool = False       # NLM_F_REPLACE: it took the place of a route with its key,
+                                # which may have left through another device
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +248,7 @@ def _route(buf, h, w, off: int, mlen: int, mtype: int) -> RouteMsg:
     else:
         net = ipaddress.IPv6Network((dst if dst and len(dst) == 16 else 0, dst_len), strict=False)
     return RouteMsg(mtype == RTM_NEWROUTE, family, net, gateway, oif, table, priority, tos,
-                    rtype, hops)
+                    rtype, hops, bool(h[(off >> 1) + 3] & NLM_F_REPLACE))
 
 
 def _multipath(buf, h, w, family: int, p: int, end: int) -> tuple:
@@ -344,7 +347,9 @@ def _parse_into(buf, n: int, want: Container[int] | None, out: list,
         if mtype == RTM_NEWROUTE or mtype == RTM_DELROUTE:
             if mlen < NLMSG_HDRLEN + RTMSG_LEN or buf[off + 16] not in _FAMILIES:
                 pass
-            elif want is None:
+            elif want is None or h[(off >> 1) + 3] & NLM_F_REPLACE:
+                # a replace is kept whatever its device: the route it replaced may have left
+                # through a wanted one (fib_table_insert() sends no RTM_DELROUTE for it)
                 append(_route(buf, h, w, off, mlen, mtype))
             else:
                 # the fast path: read attribute headers until RTA_OIF or RTA_MULTIPATH
