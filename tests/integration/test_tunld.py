@@ -473,3 +473,53 @@ def test_with_no_record_the_tunnels_are_taken_back_by_their_alias(pair):
     os.kill(st["pid"], signal.SIGKILL)
     assert ping_back_after(a, "10.42.2.1") is not None
     assert status(a)["tunnels"] == ["tunl0"]
+
+
+def test_two_tunnels_that_swap_names_in_one_go_keep_their_own_specs(nbma):
+    _, a, _ = nbma
+    a.tunl("tunnel add ga mode gre key 1")
+    a.tunl("tunnel add gb mode gre key 2")
+    pid = status(a)["pid"]
+    burst(a, ["link set ga name tmp0", "link set gb name ga", "link set tmp0 name gb"])
+
+    def keys():
+        return {t["ifname"]: t.get("ikey") for t in a.tunnels()}
+    assert wait_for(lambda: keys() == {"ga": 2, "gb": 1}, 5), keys()
+    assert '"ikey":2' in a.run("ip link show ga").stdout        # the alias went with it
+    os.kill(pid, signal.SIGKILL)                                 # and the record too
+    assert wait_for(lambda: status(a)["pid"] != pid, 5)
+    assert keys() == {"ga": 2, "gb": 1}
+
+
+def test_a_tunnel_renamed_while_no_tunld_ran_is_taken_back_under_its_new_name(nbma):
+    _, a, _ = nbma
+    a.tunl("tunnel add ga mode gre key 1")
+    st = status(a)
+    for pid in (st["supervisor"], st["pid"]):
+        os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: not alive(st["pid"]) and not alive(st["supervisor"]), 5)
+    a.run("ip link set ga name gz")
+    assert [t["ifname"] for t in a.tunnels()] == ["gz"]         # starts tunld, which follows
+    assert a.tunl("tunnel show gz").stdout.startswith("gz: gre/ip")
+
+
+def test_the_service_takes_over_a_tunld_that_a_command_started():
+    net = Net()
+    try:
+        h = net.host("svct")
+        h.tunl("tunnel add tunl0 mode ipip remote 172.16.1.2 local 172.16.1.1")
+        first = status(h)
+        main = subprocess.Popen(unit_command(h.ns), env=ENV, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            def taken():                    # requests may meet the old tunld as it stops
+                r = h.tunl("-j daemon status", check=False)
+                return r.returncode == 0 and json.loads(r.stdout)["supervisor"] == main.pid
+            assert wait_for(taken, 10), status(h)
+            assert status(h)["tunnels"] == ["tunl0"]
+            assert not alive(first["supervisor"]) and not alive(first["pid"])
+        finally:
+            main.terminate()
+            main.wait(10)
+    finally:
+        net.close()

@@ -141,12 +141,14 @@ def test_no_record_is_none_and_an_empty_one_is_empty(tmp_path):
     assert st.load() == {} and st.has_tunnels() is False
 
 
-def test_a_replace_that_moves_a_route_to_another_device_drops_it_from_the_tunnel():
+def test_a_replace_that_may_have_moved_a_route_off_the_tunnel_asks_for_a_dump():
     m = mirrored()
     moved = RouteMsg(True, AF_INET, IPv4Network("10.42.2.0/24"), IPv4Address("172.16.0.9"), 2,
                      254, 0, 0, 1, (), True)
-    assert m.apply([moved]).routes == {TUN}
-    assert m.tunnel_routes(TUN) == []
+    assert m.apply([moved]).redump == {TUN}
+    other = RouteMsg(True, AF_INET, IPv4Network("10.42.7.0/24"), None, 2, 254, 0, 0, 1, (),
+                     True)
+    assert m.apply([other]).redump == set()
 
 
 def test_the_kernels_silent_flushes_ask_for_a_dump():
@@ -157,7 +159,7 @@ def test_the_kernels_silent_flushes_ask_for_a_dump():
     # fib_sync_down_addr(): an IPv4 address going anywhere may take routes with it
     gone = AddrMsg(False, AF_INET, 2, IPv4Address("172.16.0.1"), 24)
     assert m.apply([gone]).redump == {TUN}
-    m.reload(TUN, [route("10.42.5.0/24", "172.16.0.5")])
+    m.reload({TUN}, [route("10.42.5.0/24", "172.16.0.5"), route("10.9.0.0/16", oif=2)])
     assert [str(r.dst) for r in m.tunnel_routes(TUN)] == ["10.42.5.0/24"]
 
 

@@ -90,7 +90,7 @@ class Mirror:
             kind = type(m).__name__
             if kind == "RouteMsg":
                 if m.replace and m.new:
-                    ch.routes |= self._replaced(m)
+                    ch.redump |= self._replaced(m)
                 if m.oif in self.watched and self._route(m):
                     ch.routes.add(m.oif)
             elif kind == "LinkMsg":
@@ -111,20 +111,20 @@ class Mirror:
         return ch
 
     def _replaced(self, m) -> set[int]:
-        """A route that replaced another with its key drops that one from every other tunnel
-        (a replace may move a route to another device)."""
+        """The other tunnels that have a route with the key of one that replaced a route: the
+        replace may have moved it from one of them (or replaced one of several with the key,
+        which only a dump tells apart)."""
         key = _route_key(m)
-        out = set()
-        for index, table in self.routes.items():
-            if index != m.oif and table.pop(key, None) is not None:
-                out.add(index)
-        return out
+        return {index for index, table in self.routes.items()
+                if index != m.oif and key in table}
 
-    def reload(self, ifindex: int, routes) -> None:
-        """One tunnel's routes anew, from a dump of its device."""
-        if ifindex in self.watched:
-            self.routes[ifindex] = {}
-            for m in routes:
+    def reload(self, ifindexes, routes) -> None:
+        """Some tunnels' routes anew, from one dump of their devices."""
+        for i in ifindexes:
+            if i in self.watched:
+                self.routes[i] = {}
+        for m in routes:
+            if m.oif in ifindexes:
                 self._route(m)
 
     def _route(self, m) -> bool:

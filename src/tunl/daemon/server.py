@@ -42,6 +42,7 @@ UNDERLAY_MTU = 1500   # ETH_DATA_LEN: the kernel's guess when a tunnel has no un
 PATH_REFRESH = 1.0    # seconds: paths to outer destinations are looked up again this often
 COALESCE = 0.05       # seconds: the data plane's route tables are rebuilt at most this often
 RESYNC_INTERVAL = 30.0  # seconds: everything is dumped again this often, whatever the events
+PATH_COALESCE = 0.25  # seconds: under a stream of events, paths are looked up again this often
 AF_INET6 = socket.AF_INET6
 
 # the requests tunld takes: op -> argument -> (JSON types, required)
@@ -118,13 +119,17 @@ class Tunld:
             if recorded:
                 log.warning("no record of tunl's tunnels here; taking back %s by their alias",
                             " ".join(sorted(recorded)))
+        by_index = {link.index: link for link in links.values()}
         for name, (ifindex, spec) in recorded.items():
-            link = links.get(name)
-            if link is None or link.kind != "tun" or link.index != ifindex:
+            link = by_index.get(ifindex)
+            if link is None or link.kind != "tun":
                 log.warning("%s is gone or is another device now; forgetting it", name)
                 continue
-            self.records[name] = (ifindex, spec)      # kept even if it cannot be opened now
-            self._take_back(name, ifindex, spec, link)
+            if link.name != name:                     # renamed while no tunld ran
+                log.info("%s is now called %s", name, link.name)
+                spec = spec.with_(name=link.name)
+            self.records[link.name] = (ifindex, spec)  # kept even if it cannot be opened now
+            self._take_back(link.name, ifindex, spec, link)
         for link in links.values():
             if link.name not in self.records and spec_from_alias(link.alias) is not None:
                 log.warning("%s has a tunl alias but tunl did not create it; left alone",
@@ -148,7 +153,7 @@ class Tunld:
             return False
         if link.alias != spec_to_alias(spec):
             try:
-                self.kernel.set_link(name, alias=spec_to_alias(spec))
+                self.kernel.set_link(name, alias=spec_to_alias(spec), index=ifindex)
                 log.warning("%s: its alias was changed; put back", name)
             except TunlError as e:
                 log.error("%s: cannot put its alias back: %s", name, e)
@@ -160,15 +165,20 @@ class Tunld:
         waiting = [n for n in self.records if n not in self.engine.tunnels]
         if not waiting:
             return
-        links = {link.name: link for link in self.kernel.links()}
+        by_index = {link.index: link for link in self.kernel.links()}
         for name in waiting:
-            ifindex, spec = self.records[name]
-            link = links.get(name)
-            if link is None or link.kind != "tun" or link.index != ifindex:
-                del self.records[name]
-                self._save()
-            elif self._take_back(name, ifindex, spec, link):
-                self._watch_tunnel(self.engine.tunnels[name])
+            ifindex, spec = self.records.pop(name)
+            link = by_index.get(ifindex)
+            if link is None or link.kind != "tun":
+                continue                               # gone: forgotten
+            spec = spec.with_(name=link.name)
+            self.records[link.name] = (ifindex, spec)
+            if self._take_back(link.name, ifindex, spec, link):
+                self._watch_tunnel(self.engine.tunnels[link.name])
+        try:
+            self._save()
+        except DaemonError:
+            pass
 
     def _save(self) -> None:
         """Write the record. A failure is logged, and the tunnels go on: they are lost only
@@ -190,14 +200,23 @@ class Tunld:
     def _watched(self) -> set[int]:
         return {t.ifindex for t in self.engine.tunnels.values()}
 
-    def _resync(self, r: rtnl.Rtnl) -> None:
-        """Everything from full dumps: at start, after the event socket overflowed, and every
-        RESYNC_INTERVAL in case the kernel changed something without an event."""
-        self.resyncs += 1
+    def _dump(self, r: rtnl.Rtnl) -> tuple:
+        """Full dumps of what the mirror holds, for the tunnels watched now. Safe without the
+        lock: the event socket was subscribed first, so whatever changes meanwhile arrives
+        after as an event and is applied on top (adds and deletes replay idempotently)."""
         want = self._watched()
-        changes = self.mirror.load(want, r.dump_routes(want), r.dump_links(),
-                                   r.dump_addrs(AF_INET6))
-        self._apply(changes)
+        return want, r.dump_routes(want), r.dump_links(), r.dump_addrs(AF_INET6)
+
+    def _resync(self, r: rtnl.Rtnl, dumped: tuple | None = None) -> bool:
+        """Everything from full dumps: at start, after the event socket overflowed, and every
+        RESYNC_INTERVAL in case the kernel changed something without an event. False when
+        the tunnels changed since `dumped` was taken (then it is taken again next time)."""
+        want, routes, links, addrs = dumped or self._dump(r)
+        if want != self._watched():
+            return False
+        self.resyncs += 1
+        self._apply(self.mirror.load(want, routes, links, addrs))
+        return True
 
     def _apply(self, ch) -> None:
         by_index = {t.ifindex: t for t in self.engine.tunnels.values()}
@@ -206,14 +225,17 @@ class Tunld:
             if t is not None:
                 self._forget(t.spec.name)
                 log.info("%s was deleted", t.spec.name)
-        for index in ch.redump:
-            if index in by_index:
-                self.mirror.reload(index, self._rtnl().dump_routes({index}))
-                ch.routes.add(index)
+        redump = {i for i in ch.redump if i in by_index}
+        if redump:                    # one dump for all of them
+            self.mirror.reload(redump, self._rtnl().dump_routes(redump))
+            ch.routes |= redump
+        renamed = []
         for index in ch.links:
             t, link = by_index.get(index), self.mirror.links.get(index)
             if t is not None and link is not None and link.name and link.name != t.spec.name:
-                self._renamed(t, link.name)
+                renamed.append((t, link.name))
+        if renamed:
+            self._renamed(renamed)
         for index in ch.routes | ch.prefixes | ch.links:
             t = by_index.get(index)
             link = self.mirror.links.get(index)
@@ -227,18 +249,24 @@ class Tunld:
         if ch.any:
             self.engine.paths_changed()
 
-    def _renamed(self, t, name: str) -> None:
+    def _renamed(self, renamed: list) -> None:
         """`ip link set OLD name NEW`: the kernel's tunnels keep working under a new name,
-        and so do tunl's."""
-        old = t.spec.name
-        self.engine.rename(old, name)
-        self.records.pop(old, None)
-        self._record(t)
+        and so do tunl's. All renames of a batch at once: one may take a name another gave
+        up (a swap)."""
+        self.engine.rename({t.spec.name: name for t, name in renamed})
+        for t, _name in renamed:
+            self.records = {n: r for n, r in self.records.items() if r[0] != t.ifindex}
+        for t, name in renamed:
+            self.records[name] = (t.ifindex, t.spec)
+            try:
+                self.kernel.set_link(name, alias=spec_to_alias(t.spec), index=t.ifindex)
+            except TunlError as e:
+                log.error("%s: cannot update its alias: %s", name, e)
+            log.info("tunnel %d is now called %s", t.ifindex, name)
         try:
-            self.kernel.set_link(name, alias=spec_to_alias(t.spec))
-        except TunlError as e:
-            log.error("%s: cannot update its alias: %s", name, e)
-        log.info("%s is now called %s", old, name)
+            self._save()
+        except DaemonError:
+            pass                  # logged; the record catches up with the next change
 
     def _forget(self, name: str) -> None:
         t = self.engine.tunnels.get(name)
@@ -263,15 +291,23 @@ class Tunld:
         poller.register(self._events.fileno(), select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
         routes: set[int] = set()          # tunnels whose route table waits to be rebuilt
+        paths = False                     # paths wait to be looked up again
         now = time.monotonic()
-        last_push, next_refresh, next_resync = 0.0, now + PATH_REFRESH, now + RESYNC_INTERVAL
+        last_routes = last_paths = 0.0
+        next_refresh, next_resync = now + PATH_REFRESH, now + RESYNC_INTERVAL
         while self.running:
             now = time.monotonic()
-            due = min(next_refresh, next_resync, last_push + COALESCE if routes else next_refresh)
+            due = min(next_refresh, next_resync,
+                      last_routes + COALESCE if routes else next_refresh,
+                      last_paths + PATH_COALESCE if paths else next_refresh)
             ready = poller.poll(max(0.0, due - now) * 1000)
             if any(fd == self._stop_r for fd, _ in ready):
                 return
             try:
+                dumped = None
+                if time.monotonic() >= next_resync:
+                    next_resync = time.monotonic() + RESYNC_INTERVAL
+                    dumped = self._dump(r)           # outside the lock: requests go on
                 with self.lock:
                     now = time.monotonic()
                     if ready:
@@ -280,26 +316,27 @@ class Tunld:
                             log.warning("kernel events overflowed; resynchronising")
                             self.overflows += 1
                             self._resync(r)
-                            routes = set()
-                            last_push = time.monotonic()
+                            routes, paths, last_routes = set(), False, now
                             continue
                         ch = self.mirror.apply(msgs)
-                        ch.any = True        # also routes of other devices, filtered out
+                        ch.any = False          # paths: below, at most every PATH_COALESCE
+                        paths = True            # (routes of other devices are filtered out)
                         routes |= ch.routes
                         ch.routes = set()
                         self._apply(ch)
-                    if now >= next_resync:
-                        self._resync(r)
+                    if dumped is not None:
+                        if self._resync(r, dumped):
+                            routes, paths, last_routes = set(), False, now
                         self._retry_take_back()
-                        routes, last_push = set(), now
-                        next_resync = now + RESYNC_INTERVAL
                     if now >= next_refresh:
-                        self.engine.paths_changed()
+                        paths, last_paths = True, 0.0
                         next_refresh = now + PATH_REFRESH
-                    if routes and now >= last_push + COALESCE:
+                    if paths and now >= last_paths + PATH_COALESCE:
+                        self.engine.paths_changed()
+                        paths, last_paths = False, now
+                    if routes and now >= last_routes + COALESCE:
                         self._apply(Changes(routes=routes))
-                        routes = set()
-                        last_push = now
+                        routes, last_routes = set(), now
             except Exception:         # a bug must not stop the mirror: log it, go on
                 LOG.exception("kernel events", key="events")
                 routes = set()
@@ -332,8 +369,13 @@ class Tunld:
         self.running = False
         os.write(self._stop_w, b"x")
         if self._watcher.is_alive():
-            self._watcher.join(2)
-        self.engine.stop()       # closes the queues; the persistent devices stay
+            self._watcher.join(5)
+        got = self.lock.acquire(timeout=5)     # a watcher still busy must not race the stop
+        try:
+            self.engine.stop()   # closes the queues; the persistent devices stay
+        finally:
+            if got:
+                self.lock.release()
         if self._events is not None:
             self._events.close()
 
@@ -422,9 +464,17 @@ class Tunld:
         return self._respec(t, s)
 
     def _respec(self, t, new: TunnelSpec) -> dict:
-        self.kernel.set_link(new.name, alias=spec_to_alias(new))
+        """Record the new spec first: a change that cannot be recorded is not made."""
+        old = self.records.get(new.name)
+        self.records[new.name] = (t.ifindex, new)
+        try:
+            self._save()
+        except DaemonError:
+            if old is not None:
+                self.records[new.name] = old
+            raise
+        self.kernel.set_link(new.name, alias=spec_to_alias(new), index=t.ifindex)
         self.engine.reconfigure(new)
-        self._record(t)
         return self._status(new.name)
 
     def op_prl(self, name: str, action: str, addr: str, default: bool) -> dict:

@@ -169,6 +169,24 @@ def bind_control() -> socket.socket | None:
     return s
 
 
+def take_over(sup: Supervisor) -> socket.socket | None:
+    """Stop the tunld that holds this namespace's control socket and bind it ourselves."""
+    from . import client
+    from ..errors import TunlError
+    log.info("another tunld serves this network namespace; taking it over")
+    listener = None
+    while listener is None and not sup.stopping:
+        try:
+            client.call("shutdown", autostart=False)
+            client.wait_gone()
+        except TunlError as e:
+            log.info("the other tunld: %s", e)
+        listener = bind_control()
+        if listener is None:
+            time.sleep(0.5)
+    return listener
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="tunld", description="tunl's daemon for this network "
                                  "namespace: a supervisor and the data plane it restarts")
@@ -190,11 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         listener = bind_control()
         if listener is None and args.service:
-            # a tunl command started one first: the service takes over when it ends
-            log.info("another tunld serves this network namespace; waiting for it to end")
-            while listener is None and not sup.stopping:
-                time.sleep(0.5)
-                listener = bind_control()
+            # a tunl command started one first: the service manager takes it over (its data
+            # plane pauses for as long as a restart takes)
+            listener = take_over(sup)
             if listener is None:
                 return 0
         elif listener is None:

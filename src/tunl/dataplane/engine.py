@@ -214,10 +214,12 @@ class Engine:
         self._release(old)
         self._reindex()
 
-    def rename(self, old: str, new: str) -> None:
-        t = self.tunnels.pop(old)
-        t.spec = t.spec.with_(name=new)
-        self.tunnels[new] = t
+    def rename(self, names: dict[str, str]) -> None:
+        """Old name -> new name, all at once (one may take a name another gives up)."""
+        planes = [(self.tunnels.pop(old), new) for old, new in names.items()]
+        for t, new in planes:
+            t.spec = t.spec.with_(name=new)
+            self.tunnels[new] = t
 
     def remove(self, name: str) -> int:
         """Take a tunnel out of the data plane; returns its TUN fd for the caller to close or
@@ -240,6 +242,7 @@ class Engine:
             while self._epoch == epoch and time.monotonic() < deadline:
                 time.sleep(0.001)
         # and until no ingress thread is between its lookup and its write to the queue
+        deadline = time.monotonic() + 2
         for busy in list(self._ingress_busy):
             seen = busy[0]
             while seen & 1 and busy[0] == seen and time.monotonic() < deadline:

@@ -63,14 +63,19 @@ class Kernel:
             raise LinkError("get link", name, e.code) from e
         return _link_info(msgs[0])
 
-    def set_link(self, name: str, *, mtu: int | None = None, alias: str | None = None) -> None:
+    def set_link(self, name: str, *, mtu: int | None = None, alias: str | None = None,
+                 index: int | None = None) -> None:
+        """Change a link, named by `name`, or by `index` when given (a name may change)."""
         kw = {}
         if mtu is not None:
             kw["mtu"] = mtu
         if alias is not None:
             kw["ifalias"] = alias
         try:
-            self._ipr.link("set", ifname=name, **kw)
+            if index is not None:
+                self._ipr.link("set", index=index, **kw)
+            else:
+                self._ipr.link("set", ifname=name, **kw)
         except NetlinkError as e:
             raise LinkError("set link", name, e.code) from e
 
