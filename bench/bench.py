@@ -109,18 +109,7 @@ class Bench:
             if p.poll() is None:
                 p.terminate()
         for ns in reversed(self.made):
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                pids = netns_pids(ns)
-                for pid in pids:
-                    try:
-                        os.kill(pid, sig)
-                    except ProcessLookupError:
-                        pass
-                deadline = time.monotonic() + 2
-                while pids and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                    pids = netns_pids(ns)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            end_netns(ns)
         for log in self.logs:
             try:
                 os.unlink(log)
@@ -136,6 +125,31 @@ class Bench:
 def netns_pids(ns: str) -> list[int]:
     out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
     return [int(pid) for pid in out.split()]
+
+
+def interrupt_on_signals() -> None:
+    """SIGINT (even if inherited ignored), SIGTERM and SIGHUP end a run as Ctrl-C does, so
+    that what it made is removed."""
+    def stop(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+
+
+def end_netns(ns: str) -> None:
+    """End every process in a namespace of ours (TERM, then KILL), then delete it."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = netns_pids(ns)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 2
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.05)
+            pids = netns_pids(ns)
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -232,10 +246,7 @@ def main() -> int:
     if os.geteuid() != 0:
         ap.error("needs root (network namespaces, TUN devices)")
 
-    def stop(signum, _frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):   # SIGINT: even if inherited ignored
-        signal.signal(sig, stop)
+    interrupt_on_signals()
     bench, mach = Bench(), machine()        # the load before the bench adds its own
     try:
         bench.setup(args.mode)

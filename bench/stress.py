@@ -46,6 +46,10 @@ import threading
 import time
 import uuid
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import end_netns, interrupt_on_signals  # noqa: E402  (bench/bench.py, beside this one)
+from tunl.lab.netns import mirror_rows  # noqa: E402
+
 BIN = os.path.dirname(sys.executable)
 TUNL = os.path.join(BIN, "tunl")
 PY = sys.executable
@@ -220,18 +224,7 @@ class Lab:
     def drop(self, ns: str) -> None:
         """End every process in ns (TERM, then KILL), delete it, remove its tunld's files."""
         files = self.made.pop(ns, [])
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = netns_pids(ns)
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + 2
-            while pids and time.monotonic() < deadline:
-                time.sleep(0.05)
-                pids = netns_pids(ns)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        end_netns(ns)
         for path in files:
             if os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
@@ -259,9 +252,6 @@ class Lab:
             self.drop(ns)
 
 
-def netns_pids(ns: str) -> list[int]:
-    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
-    return [int(pid) for pid in out.split()]
 
 
 def proc_stat(pid: int) -> tuple[int, int]:
@@ -543,19 +533,8 @@ def host_route(base: str, i: int) -> str:
 def kernel_routes(lab: Lab, ns: str, dev: str) -> list:
     """The kernel's routes on dev as tunld's mirror lists them (tests/integration/
     test_tunld.py kernel_routes())."""
-    out = []
-    for fam in ("-4", "-6"):
-        for r in json.loads(lab.run(ns, f"ip {fam} -j route show table all dev {dev}")):
-            if r.get("type", "unicast") != "unicast" or r.get("table") == "local":
-                continue
-            dst = r["dst"]
-            if dst == "default":
-                dst = "0.0.0.0/0" if fam == "-4" else "::/0"
-            elif "/" not in dst:
-                dst += "/32" if fam == "-4" else "/128"
-            table = {"main": 254, None: 254}.get(r.get("table"), r.get("table"))
-            out.append([dst, r.get("gateway"), int(table)])
-    return sorted(out)
+    return sorted(row for fam in (4, 6) for row in mirror_rows(
+        json.loads(lab.run(ns, f"ip -{fam} -j route show table all dev {dev}")), fam))
 
 
 def mirror(lab: Lab, ns: str, dev: str) -> list:
@@ -947,22 +926,18 @@ def abuse(lab: Lab, args, res: Results) -> None:
     base = statistics.median(alone)
 
     # (a) a client that dribbles: non-root (as specified), then root (an extra)
-    try:
-        shows, ev = slow_client_run(lab, ns, False, 12.0, [0.5, 4.5, 8.5])
-        res.put("abuse.slow", f"{s(statistics.median(shows))}, max {s(max(shows))} (alone "
-                f"{s(base)})", max(shows) - base)
-        res.note("abuse", f"uid 65534 client: {summary(ev)}")
-    except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as e:
-        res.put("abuse.slow", f"FAILED: {str(e).splitlines()[0][:160]}")
-        res.failures.append(("abuse", f"slow client: {e}"))
-    try:
-        shows, ev = slow_client_run(lab, ns, True, 6.0, [0.2, 0.2, 0.2])
-        res.put("abuse.slow_root", f"{s(statistics.median(shows))}, max {s(max(shows))} "
-                f"(alone {s(base)})", max(shows) - base)
-        res.note("abuse", f"root slow client: {summary(ev)}")
-    except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as e:
-        res.put("abuse.slow_root", f"FAILED: {str(e).splitlines()[0][:160]}")
-        res.failures.append(("abuse", f"slow root client: {e}"))
+    for key, root, who, seconds, gaps in (("abuse.slow", False, "uid 65534", 12.0,
+                                           [0.5, 4.5, 8.5]),
+                                          ("abuse.slow_root", True, "root", 6.0,
+                                           [0.2, 0.2, 0.2])):
+        try:
+            shows, ev = slow_client_run(lab, ns, root, seconds, gaps)
+            res.put(key, f"{s(statistics.median(shows))}, max {s(max(shows))} (alone "
+                    f"{s(base)})", max(shows) - base)
+            res.note("abuse", f"{who} slow client: {summary(ev)}")
+        except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as e:
+            res.put(key, f"FAILED: {str(e).splitlines()[0][:160]}")
+            res.failures.append(("abuse", f"{who} slow client: {e}"))
 
     # (b) a 100 MiB request
     time.sleep(0.5)
@@ -1214,10 +1189,7 @@ def main() -> int:
     if os.geteuid() != 0:
         ap.error("needs root (network namespaces, TUN devices)")
 
-    def stop(signum, _frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):   # SIGINT: even if inherited ignored
-        signal.signal(sig, stop)
+    interrupt_on_signals()
     lab, mach, res = Lab(), machine(), Results(args)     # the load before the run adds its own
     t_start = time.monotonic()
     interrupted = False

@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from tunl.lab.netns import mirror_rows
 from nsutil import A_UL, B_UL, ENV, TUNL, Host, Net, alive, one_to_one, sh
 
 pytestmark = pytest.mark.root
@@ -254,19 +255,8 @@ def test_a_foreign_tun_device_with_a_tunl_alias_is_not_taken_over(pair):
 # -- 3. route events in O(change) ------------------------------------------------------------
 
 def kernel_routes(h: Host, dev: str) -> list:
-    out = []
-    for fam in ("-4", "-6"):
-        for r in json.loads(h.run(f"ip {fam} -j route show table all dev {dev}").stdout):
-            if r.get("type", "unicast") != "unicast" or r.get("table") == "local":
-                continue
-            dst = r["dst"]
-            if dst == "default":
-                dst = "0.0.0.0/0" if fam == "-4" else "::/0"
-            elif "/" not in dst:
-                dst += "/32" if fam == "-4" else "/128"
-            table = {"main": 254, None: 254}.get(r.get("table"), r.get("table"))
-            out.append([dst, r.get("gateway"), int(table)])
-    return sorted(out)
+    return sorted(row for fam in (4, 6) for row in mirror_rows(
+        json.loads(h.run(f"ip -{fam} -j route show table all dev {dev}").stdout), fam))
 
 
 def mirror(h: Host, dev: str) -> list:

@@ -240,3 +240,21 @@ def end_processes(ns: str, grace: float = GRACE,
                 os.close(fd)
         ended.update(fds.values())
     return len(ended)
+
+
+def mirror_rows(routes: list[dict], family: int) -> list[list]:
+    """`ip -j route show table all dev DEV` (of one family) as tunld's mirror of a tunnel
+    lists it (`routes` request): [destination, gateway, table] of each unicast route outside
+    the local table."""
+    out = []
+    for r in routes:
+        if r.get("type", "unicast") != "unicast" or r.get("table") == "local":
+            continue
+        dst = r["dst"]
+        if dst == "default":
+            dst = "0.0.0.0/0" if family == 4 else "::/0"
+        elif "/" not in dst:
+            dst += "/32" if family == 4 else "/128"
+        table = {"main": 254, None: 254}.get(r.get("table"), r.get("table"))
+        out.append([dst, r.get("gateway"), int(table)])
+    return out
