@@ -31,10 +31,8 @@ failure, and ends only processes it started or that live in its own namespaces, 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -47,7 +45,7 @@ import time
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import end_netns, interrupt_on_signals  # noqa: E402  (bench/bench.py, beside this one)
+from bench import end_netns, interrupt_on_signals, machine as bench_machine  # noqa: E402  (bench/bench.py, beside this one)
 from tunl.lab.netns import mirror_rows  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
@@ -357,11 +355,7 @@ def wait_for(cond, timeout: float, step: float = 0.05):
 
 
 def machine() -> dict:
-    info = {}
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
+    """bench.machine(), and the tunl revision measured."""
     # read-only git: no index refresh (GIT_OPTIONAL_LOCKS=0), nothing written
     top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     git = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
@@ -370,11 +364,8 @@ def machine() -> dict:
     if rev and subprocess.run(["git", "-C", top, "status", "--porcelain", "-uno"],
                               capture_output=True, text=True, env=git).stdout.strip():
         rev += " + uncommitted changes"
-    return {"cpu": info.get("model name") or info.get("Hardware") or platform.machine(),
-            "nproc": len(os.sched_getaffinity(0)), "kernel": platform.release(),
-            "python": platform.python_version(), "loadavg": os.getloadavg()[0],
-            "tunl": rev or "?",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    info = bench_machine()
+    return {**info, "tunl": rev or "?", "date": info.pop("date")}
 
 
 # -- results --------------------------------------------------------------------------------

@@ -11,11 +11,10 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from ..kernel.rtnl import AF_INET, AF_INET6, RTN_UNICAST
 from ..model import Route
 
-RTN_UNICAST = 1
 RT_TABLE_LOCAL = 255
-AF_INET, AF_INET6 = 2, 10
 
 
 @dataclass

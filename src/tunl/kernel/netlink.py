@@ -1,28 +1,19 @@
-"""Links, routes and their changes over rtnetlink (pyroute2)."""
+"""Links, and the route to an address, over rtnetlink (pyroute2); route events and the data
+plane's lookups go through rtnl.py."""
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
-import select
-import socket
-import threading
 from dataclasses import dataclass
-from typing import Callable
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import (RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE,
-                                   RTMGRP_LINK)
 
 from ..errors import LinkError, NotFoundError
-from ..model import Route
 
 log = logging.getLogger("tunl.kernel")
 
 IFF_UP = 0x1
-RTN_UNICAST = 1
-RT_TABLE_LOCAL = 255
 
 
 @dataclass(frozen=True)
@@ -79,36 +70,6 @@ class Kernel:
         except NetlinkError as e:
             raise LinkError("set link", name, e.code) from e
 
-    def routes(self, ifindex: int) -> list[Route]:
-        """Unicast IPv4 and IPv6 routes out of a device, in every table but the local one."""
-        out = []
-        for family, any_addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
-            for m in self._ipr.get_routes(family=family, oif=ifindex):
-                if m["type"] != RTN_UNICAST or m["table"] == RT_TABLE_LOCAL:
-                    continue
-                dst = m.get_attr("RTA_DST") or any_addr
-                gw = m.get_attr("RTA_GATEWAY")
-                table = m.get_attr("RTA_TABLE") or m["table"]
-                out.append(Route(ipaddress.ip_network(f"{dst}/{m['dst_len']}"),
-                                 ipaddress.ip_address(gw) if gw else None, table))
-        return out
-
-    def prefixes6(self, ifindex: int) -> tuple:
-        """The IPv6 prefixes of the addresses on a device (ipv6_chk_prefix())."""
-        return tuple(ipaddress.IPv6Network(f"{m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}",
-                                           strict=False)
-                     for m in self._ipr.get_addr(family=socket.AF_INET6, index=ifindex))
-
-    def route_via(self, dst: str) -> tuple[int, bytes | None] | None:
-        """(ifindex, gateway) the kernel routes an IPv4 address through; None when it cannot
-        route it."""
-        try:
-            m = self._ipr.route("get", dst=dst)[0]
-        except NetlinkError:
-            return None
-        gw = m.get_attr("RTA_GATEWAY")
-        return m.get_attr("RTA_OIF"), socket.inet_aton(gw) if gw else None
-
     def route_get(self, dst: str) -> tuple[str | None, int]:
         """The device the kernel would send to dst through, and that device's MTU."""
         try:
@@ -137,48 +98,3 @@ def no_link_local(name: str) -> None:
     """No automatic link-local address (addrgenmode none) on a device that carries IPv6: a TUN
     device would otherwise make up one and send router solicitations through the tunnel."""
     _ipv6_conf(name, "addr_gen_mode", "1")
-
-
-class RouteWatcher:
-    """Calls `changed(kernel)` after every batch of route, IPv6 address or link events, from
-    its own thread, with a Kernel that belongs to that thread (pyroute2 sockets are per thread)."""
-
-    def __init__(self, changed: Callable[["Kernel"], None]):
-        self._changed = changed
-        self._stop_r, self._stop_w = os.pipe()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="route-watch", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-        self._ready.wait(5)
-
-    def _run(self) -> None:
-        ipr = IPRoute()
-        ipr.bind(groups=RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_LINK)
-        kernel = Kernel()
-        self._ready.set()
-        fd = ipr.fileno()
-        try:
-            while True:
-                self._sync(kernel)
-                r, _, _ = select.select([fd, self._stop_r], [], [])
-                if self._stop_r in r:
-                    return
-                try:
-                    ipr.get()
-                except Exception:  # an overrun: a fresh dump resyncs all the same
-                    log.exception("route events")
-        finally:
-            ipr.close()
-            kernel.close()
-
-    def _sync(self, kernel: "Kernel") -> None:
-        try:
-            self._changed(kernel)
-        except Exception:
-            log.exception("route resync")
-
-    def stop(self) -> None:
-        os.write(self._stop_w, b"x")
-        self._thread.join(2)
