@@ -126,8 +126,8 @@ def test_cli_unknown_object_and_option(capsys):
     assert cli.main(["--dataplane", "fpga", "tunnel", "show"]) == 1
     err = capsys.readouterr().err.splitlines()
     assert err == ['tunl: object "bogus": unknown; try "tunl help"',
-                   'tunl: option "-x": unknown; the options are -s, -j, -p and --dataplane',
-                   'tunl: --dataplane "fpga": the data planes are auto, userspace and kernel']
+                   'tunl: option "-x": unknown; the options are -s, -d, -j, -p, -V and --dataplane',
+                   'tunl: --dataplane "fpga": the data planes are auto, kernel, ebpf and userspace']
 
 
 def test_sit_shows_the_default_6rd_prefix_like_iproute2():

@@ -1,7 +1,8 @@
 """tunl [ OPTIONS ] OBJECT { COMMAND | help }
 
 OBJECT := { tunnel | lab | daemon | doctor }
-OPTIONS := { -s[tatistics] | -j[son] | --dataplane { auto | userspace | kernel } }
+OPTIONS := { -s[tatistics] | -d[etails] | -j[son] | -p[retty] | -V[ersion] |
+             --dataplane { auto | kernel | ebpf | userspace } }
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import sys
 
 from ..errors import ConfigError, DaemonError, NoDaemonError, NotFoundError, TunlError
 from ..model import TunnelSpec
-from . import grammar, planes, show
+from .. import planes
+from . import grammar, show
 
-DATAPLANES = ("auto", "userspace", "kernel")
+DATAPLANES = planes.NAMES
 
 
 def _need_root(what: str) -> None:
@@ -22,7 +24,8 @@ def _need_root(what: str) -> None:
 
 
 def _call(op: str, **args):
-    return planes.call(op, **args)
+    from ..planes.tunld import call
+    return call(op, **args)
 
 
 def do_tunnel(argv: list[str], opts: dict) -> int:
@@ -36,74 +39,38 @@ def do_tunnel(argv: list[str], opts: dict) -> int:
     if grammar.matches(verb, "add"):
         spec = grammar.spec_for_add(words)
         _need_root("tunnel add")
-        if planes.choose(spec.mode, opts["dataplane"]) == "kernel":
-            with planes.kernel_tunnels() as k:
-                k.add(spec)
-        else:
-            _call("add", spec=spec.to_dict(), dataplane=opts["dataplane"])
+        planes.for_new(spec.mode, opts["dataplane"]).add(spec)
         return 0
     if grammar.matches(verb, "change"):
         name = grammar.name_only(words, "change")
         _need_root("tunnel change")
-        current = planes.kernel_owner(name)
-        if current is not None:
-            return _kernel_respec(grammar.spec_for_change(words, current))
-        current = TunnelSpec.from_dict(_call("show", name=name)[0]["spec"])
-        spec = grammar.spec_for_change(words, current)
-        _call("change", spec=spec.to_dict(), dataplane=opts["dataplane"])
+        plane, current = planes.find(name)
+        plane.change(grammar.spec_for_change(words, current))
         return 0
     if grammar.matches(verb, "delete"):
         name = grammar.name_only(words, "del")
         _need_root("tunnel del")
-        if planes.kernel_owner(name) is not None:
-            with planes.kernel_tunnels() as k:
-                k.delete(name)
-        else:
-            _call("del", name=name)
+        planes.find(name)[0].delete(name)
         return 0
     if grammar.matches(verb, "show") or grammar.matches(verb, "lst") or grammar.matches(verb, "list"):
         return show_tunnels(grammar.parse_words(words), opts)
     if verb == "prl":
         dev, action, addr, default = grammar.parse_prl(words)
         _need_root("tunnel prl")
-        spec = planes.kernel_owner(dev)
-        if spec is not None:
-            return _kernel_respec(spec.prl_changed(action, addr, default))
-        _call("prl", name=dev, action=action, addr=str(addr), default=default)
+        planes.find(dev)[0].prl(dev, action, addr, default)
         return 0
     if verb == "6rd":
         dev, prefix, relay, reset = grammar.parse_6rd(words)
         _need_root("tunnel 6rd")
-        spec = planes.kernel_owner(dev)
-        if spec is not None:
-            return _kernel_respec(spec.with_(ip6rd_prefix=prefix, ip6rd_relay_prefix=relay))
-        _call("sixrd", name=dev, prefix=str(prefix) if prefix else None,
-              relay=str(relay) if relay else None)
+        planes.find(dev)[0].sixrd(dev, prefix, relay)
         return 0
     raise ConfigError(f'"{verb}": unknown command; try "tunl tunnel help"')
-
-
-def _kernel_respec(spec: TunnelSpec) -> int:
-    with planes.kernel_tunnels() as k:
-        k.change(spec)
-    return 0
 
 
 def show_tunnels(f: dict, opts: dict) -> int:
     """Kernel tunnel devices (tunl's and any other, like `ip tunnel show`), then tunld's."""
     _need_root("tunnel show")
-    with planes.kernel_tunnels() as k:
-        found = [planes.status(k.read(name)) for name in k.names()
-                 if f.get("name") in (None, name)]
-    if not (f.get("name") and found):
-        try:
-            found += planes.call("show", autostart=planes.userspace_devices(), name=f.get("name"))
-        except NotFoundError:
-            if not found and f.get("name"):
-                raise
-        except NoDaemonError:
-            if f.get("name") and not found:
-                raise NotFoundError(f'get tunnel "{f["name"]}" failed: No such device') from None
+    found = planes.show(f.get("name"))
     found = [t for t in found if all(
         str(t["spec"][k_]) == str(v) for k_, v in f.items() if k_ in ("remote", "local"))
         and ("mode" not in f or f["mode"].value == t["spec"]["mode"])]
@@ -114,6 +81,8 @@ def show_tunnels(f: dict, opts: dict) -> int:
         return 0
     for t in found:
         out.write(show.tunnel_line(TunnelSpec.from_dict(t["spec"])) + "\n")
+        if opts["details"]:
+            out.write(show.details_line(t) + "\n")
         if opts["stats"]:
             out.write(show.stats_lines(t["counters"]) + "\n")
     return 0
@@ -153,7 +122,8 @@ def usage() -> str:
 
 
 def run(argv: list[str]) -> int:
-    opts = {"json": False, "stats": False, "pretty": False, "dataplane": "auto"}
+    opts = {"json": False, "stats": False, "pretty": False, "details": False,
+            "dataplane": "auto"}
     rest = []
     i = 0
     while i < len(argv):       # --dataplane may come anywhere, as in `tunl tunnel add ... --dataplane kernel`
@@ -162,11 +132,12 @@ def run(argv: list[str]) -> int:
                 v = argv[i].split("=", 1)[1]
             else:
                 if i + 1 >= len(argv):
-                    raise ConfigError("--dataplane: say auto, userspace or kernel")
+                    raise ConfigError("--dataplane: say auto, kernel, ebpf or userspace")
                 v = argv[i + 1]
                 i += 1
             if v not in DATAPLANES:
-                raise ConfigError(f'--dataplane "{v}": the data planes are auto, userspace and kernel')
+                raise ConfigError(f'--dataplane "{v}": the data planes are auto, kernel, ebpf '
+                                  'and userspace')
             opts["dataplane"] = v
         else:
             rest.append(argv[i])
@@ -187,8 +158,10 @@ def run(argv: list[str]) -> int:
             opts["stats"] = True
         elif o and grammar.matches(o, "pretty"):
             opts["pretty"] = True
+        elif o and grammar.matches(o, "details"):
+            opts["details"] = True
         else:
-            raise ConfigError(f'option "-{o}": unknown; the options are -s, -j, -p and --dataplane')
+            raise ConfigError(f'option "-{o}": unknown; the options are -s, -d, -j, -p, -V and --dataplane')
     if not argv:
         sys.stdout.write(usage())
         return 2

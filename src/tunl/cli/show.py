@@ -61,6 +61,19 @@ def stats_lines(c: dict) -> str:
     return "\n".join(lines)
 
 
+def details_line(status: dict) -> str:
+    """`-d`: the data plane the tunnel got, and on the eBPF plane what took which path."""
+    line = f"  dataplane {status['dataplane']}"
+    e = status.get("ebpf")
+    if e:
+        line += (f" fast rx {e['fast_rx']} tx {e['fast_tx']}"
+                 f" slow rx {e['slow_rx']} tx {e['slow_tx']}")
+        for what, why in (("tx", e["slow_tx_why"]), ("rx", e["slow_rx_why"])):
+            if why:
+                line += f"\n  slow path {what}: " + "; ".join(why)
+    return line
+
+
 def to_json(status: dict) -> dict:
     """One tunnel for --json: iproute2's field names where it has them."""
     s = status["spec"]
@@ -77,4 +90,6 @@ def to_json(status: dict) -> dict:
         out["6rd_relay_prefix"] = s["ip6rd_relay_prefix"] or "0.0.0.0/0"
     out.update(dataplane=status["dataplane"], mtu=status["mtu"], up=status["up"],
                stats=status["counters"])
+    if "ebpf" in status:
+        out["ebpf"] = status["ebpf"]
     return out

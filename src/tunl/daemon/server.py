@@ -31,6 +31,7 @@ from ..tunnel import modes
 from ..model import TunnelMode, TunnelSpec, spec_from_alias, spec_to_alias
 from .client import log_path
 from .control import ControlServer, check_request
+from .ebpf import EbpfTunnels, slow_reasons
 from .mirror import Changes, Mirror
 from .process import STOP, name_process, recv_partner, spawn
 from .state import State
@@ -74,6 +75,8 @@ class Tunld:
         self._per_thread = threading.local()
         self.engine = Engine(time.monotonic, self._route_via)
         self.mirror = Mirror()
+        self.ebpf = EbpfTunnels(lambda dst, src, oif: self._rtnl().route_get(dst, src, oif))
+        self.planes: dict[str, str] = {}     # name -> "ebpf" | "userspace"
         self.lock = threading.Lock()
         self.running = True
         self._stop_r, self._stop_w = os.pipe()
@@ -112,6 +115,7 @@ class Tunld:
         TUN devices whose alias is tunl's are taken back once, and recorded from then on."""
         links = {link.name: link for link in self.kernel.links()}
         recorded = self.state.load()
+        self.planes = dict(self.state.planes)
         if recorded is None:
             recorded = {link.name: (link.index, spec) for link in links.values()
                         if link.kind == "tun" and (spec := spec_from_alias(link.alias))
@@ -151,6 +155,12 @@ class Tunld:
             os.close(fd)
             LOG.error("cannot take back %s yet: %s", name, e, key=("attach", name))
             return False
+        if self.planes.get(name) == "ebpf":
+            try:
+                self.ebpf.put(spec, ifindex, self._link_index(spec))
+            except (TunlError, OSError) as e:
+                LOG.error("%s: cannot attach the eBPF programs (%s); its packets take the "
+                          "userspace data plane", name, e, key=("ebpf", name))
         if link.alias != spec_to_alias(spec):
             try:
                 self.kernel.set_link(name, alias=spec_to_alias(spec), index=ifindex)
@@ -184,7 +194,7 @@ class Tunld:
         """Write the record. A failure is logged, and the tunnels go on: they are lost only
         if tunld also restarts before the record can be written."""
         try:
-            self.state.save(self.records)
+            self.state.save(self.records, self.planes)
         except OSError as e:
             LOG.error("cannot write the record of tunl's tunnels %s: %s", self.state.path, e,
                       key="save")
@@ -248,12 +258,28 @@ class Tunld:
                 self.mirror.tunnel_prefixes(index) if index in ch.prefixes else None)
         if ch.any:
             self.engine.paths_changed()
+        if self.ebpf.tunnels and (ch.routes or ch.links or ch.any):
+            if ch.links:
+                self.ebpf.attach_underlay()
+            self._ebpf_sync()
+
+    def _ebpf_sync(self) -> None:
+        """The eBPF maps of every eBPF tunnel: its routes and the paths to its peers."""
+        for t in list(self.engine.tunnels.values()):
+            if t.ifindex in self.ebpf.tunnels:
+                try:
+                    self.ebpf.sync(t.ifindex, self.mirror.tunnel_routes(t.ifindex),
+                                   self.engine.pmtu.get)
+                except OSError as e:
+                    LOG.error("%s: eBPF maps: %s", t.spec.name, e, key=("ebpf-sync", t.ifindex))
 
     def _renamed(self, renamed: list) -> None:
         """`ip link set OLD name NEW`: the kernel's tunnels keep working under a new name,
         and so do tunl's. All renames of a batch at once: one may take a name another gave
         up (a swap)."""
         self.engine.rename({t.spec.name: name for t, name in renamed})
+        planes = {name: self.planes.pop(t.spec.name, "userspace") for t, name in renamed}
+        self.planes.update(planes)
         for t, _name in renamed:
             self.records = {n: r for n, r in self.records.items() if r[0] != t.ifindex}
         for t, name in renamed:
@@ -272,7 +298,9 @@ class Tunld:
         t = self.engine.tunnels.get(name)
         if t is not None:
             self.mirror.unwatch(t.ifindex)
+            self.ebpf.remove(t.ifindex)
             os.close(self.engine.remove(name))
+        self.planes.pop(name, None)
         if self.records.pop(name, None) is not None:
             try:
                 self._save()
@@ -333,6 +361,7 @@ class Tunld:
                         next_refresh = now + PATH_REFRESH
                     if paths and now >= last_paths + PATH_COALESCE:
                         self.engine.paths_changed()
+                        self._ebpf_sync()
                         paths, last_paths = False, now
                     if routes and now >= last_routes + COALESCE:
                         self._apply(Changes(routes=routes))
@@ -349,6 +378,7 @@ class Tunld:
         if link is not None:
             self.engine.set_state(t.spec.name, self.mirror.tunnel_routes(t.ifindex), link.up,
                                   link.mtu, self.mirror.tunnel_prefixes(t.ifindex))
+        self._ebpf_sync()
 
     # -- serving ----------------------------------------------------------------------------
 
@@ -386,11 +416,28 @@ class Tunld:
 
     # -- operations -------------------------------------------------------------------------
 
-    def _check_dataplane(self, spec: TunnelSpec, dataplane: str) -> None:
+    def _check_dataplane(self, spec: TunnelSpec, dataplane: str) -> str:
+        """The plane tunld gives a tunnel asked for with --dataplane: "ebpf" or "userspace"."""
         if dataplane == "kernel":
-            raise UnsupportedError("--dataplane kernel: this tunl has the userspace data plane "
-                                   "only; use --dataplane userspace or auto")
+            raise UnsupportedError("--dataplane kernel: the kernel's own tunnels are not "
+                                   "tunld's; use --dataplane ebpf, userspace or auto")
+        if dataplane not in ("auto", "ebpf", "userspace"):
+            raise ConfigError(f'--dataplane "{dataplane}": the data planes are auto, kernel, '
+                              "ebpf and userspace")
         modes.module_for(spec.mode)     # vti: refused with the reason
+        if dataplane == "userspace":
+            return dataplane
+        why = self.ebpf.available()
+        if why is None:
+            return "ebpf"
+        if dataplane == "ebpf":
+            raise UnsupportedError(f"--dataplane ebpf: {why}; use --dataplane userspace "
+                                   "(or auto)")
+        return "userspace"
+
+    def _link_index(self, spec: TunnelSpec) -> int:
+        link = self.kernel.link(spec.dev) if spec.dev else None
+        return link.index if link is not None else 0
 
     def _mtu_for(self, spec: TunnelSpec) -> int:
         """Underlay MTU minus the outer header, as ip_tunnel_bind_dev() computes it."""
@@ -412,7 +459,7 @@ class Tunld:
 
     def op_add(self, spec: dict, dataplane: str = "auto") -> dict:
         s = _spec(spec)
-        self._check_dataplane(s, dataplane)
+        plane = self._check_dataplane(s, dataplane)
         if s.name in self.engine.tunnels or self.kernel.link(s.name) is not None:
             raise ExistsError(f'add tunnel "{s.name}" failed: File exists')
         for other in self.engine.tunnels.values():
@@ -434,10 +481,20 @@ class Tunld:
             tun.destroy(fd)
             raise
         t = self.engine.add(s, fd, link.index, link.mtu)
+        self.planes[s.name] = plane
         try:
+            if plane == "ebpf":
+                try:
+                    self.ebpf.put(s, t.ifindex, self._link_index(s))
+                except OSError as e:
+                    self.ebpf.remove(t.ifindex)
+                    raise UnsupportedError(f"--dataplane ebpf: cannot attach the programs to "
+                                           f"{s.name}: {e.strerror or e}") from e
             self._record(t)
-        except DaemonError:
+        except (DaemonError, UnsupportedError):
             self.records.pop(s.name, None)           # unrecorded: it would be lost; undo
+            self.planes.pop(s.name, None)
+            self.ebpf.remove(t.ifindex)
             tun.destroy(self.engine.remove(s.name))
             raise
         self._watch_tunnel(t)
@@ -458,7 +515,12 @@ class Tunld:
         if s.mode is not t.spec.mode:
             raise ConfigError(f"mode {s.mode.value}: {s.name} is a {t.spec.mode.value} tunnel; "
                               "change cannot switch modes (delete and add it)")
-        self._check_dataplane(s, dataplane)
+        if dataplane != "auto" and self._check_dataplane(s, dataplane) != self.planes.get(
+                s.name, "userspace"):
+            raise ConfigError(f"--dataplane {dataplane}: {s.name} is on the "
+                              f"{self.planes.get(s.name, 'userspace')} data plane; change "
+                              "cannot move a tunnel (delete and add it)")
+        modes.module_for(s.mode)
         if modes.codec_for(s).overhead != t.codec.overhead or s.dev != t.spec.dev:
             self.kernel.set_link(s.name, mtu=self._mtu_for(s))    # like ipgre_link_update()
         return self._respec(t, s)
@@ -475,6 +537,9 @@ class Tunld:
             raise
         self.kernel.set_link(new.name, alias=spec_to_alias(new), index=t.ifindex)
         self.engine.reconfigure(new)
+        if t.ifindex in self.ebpf.tunnels:
+            self.ebpf.put(new, t.ifindex, self._link_index(new))
+            self._ebpf_sync()
         return self._status(new.name)
 
     def op_prl(self, name: str, action: str, addr: str, default: bool) -> dict:
@@ -498,15 +563,22 @@ class Tunld:
     def op_del(self, name: str) -> dict:
         t = self._ours(name, "delete")
         self.mirror.unwatch(t.ifindex)
+        self.ebpf.remove(t.ifindex)
         tun.destroy(self.engine.remove(name))
         self._forget(name)
         return {"deleted": name}
 
     def _status(self, name: str) -> dict:
         t = self.engine.tunnels[name]
-        return {"spec": t.spec.to_dict(), "dataplane": "userspace", "ifindex": t.ifindex,
-                "mtu": t.mtu, "up": t.up, "routes": len(t.fib4) + len(t.fib6),
-                "counters": t.counters.as_dict()}
+        out = {"spec": t.spec.to_dict(), "dataplane": "userspace", "ifindex": t.ifindex,
+               "mtu": t.mtu, "up": t.up, "routes": len(t.fib4) + len(t.fib6),
+               "counters": t.counters.as_dict()}
+        if t.ifindex in self.ebpf.tunnels:
+            out["dataplane"] = "ebpf"
+            out["ebpf"] = self.ebpf.status(t.ifindex, out["counters"])
+            tx, rx = slow_reasons(t.spec)
+            out["ebpf"]["slow_tx_why"], out["ebpf"]["slow_rx_why"] = tx, rx
+        return out
 
     def op_show(self, name: str | None = None) -> list[dict]:
         if name is not None:

@@ -42,6 +42,7 @@ class State:
     def __init__(self, directory: str | None = None):
         self.dir = directory or state_dir()
         self.path = os.path.join(self.dir, "tunnels.json")
+        self.planes: dict[str, str] = {}    # name -> data plane, of the last load()
 
     def load(self, move_bad: bool = True) -> dict[str, tuple[int, TunnelSpec]] | None:
         """The record; None when there is none (a damaged one is none, and moved aside to
@@ -63,14 +64,19 @@ class State:
         for name, entry in entries:
             try:
                 out[name] = (int(entry["ifindex"]), TunnelSpec.from_dict(entry["spec"]))
+                if entry.get("dataplane") in ("ebpf", "userspace"):
+                    self.planes[name] = entry["dataplane"]
             except (KeyError, TypeError, ValueError, TunlError):    # one bad entry: skip it
                 continue
         return out
 
-    def save(self, tunnels: dict[str, tuple[int, TunnelSpec]]) -> None:
+    def save(self, tunnels: dict[str, tuple[int, TunnelSpec]],
+             planes: dict[str, str] | None = None) -> None:
         """Write atomically (a new file renamed over the old one), readable by root only."""
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        data = {"tunnels": {name: {"ifindex": ifindex, "spec": spec.to_dict()}
+        planes = planes or {}
+        data = {"tunnels": {name: {"ifindex": ifindex, "spec": spec.to_dict(),
+                                   "dataplane": planes.get(name, "userspace")}
                             for name, (ifindex, spec) in sorted(tunnels.items())}}
         tmp = self.path + f".{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
