@@ -281,7 +281,7 @@ int tunl_egress(struct __sk_buff *skb)
 	o.ip.id = o.ip.frag_off ? 0 : (__be16)bpf_get_prandom_u32();
 	o.ip.saddr = src;
 	o.ip.daddr = dst;
-	flags = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4;
+	flags = BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4;
 	if (t->mode == MODE_GRE) {
 		o.ip.protocol = IPPROTO_GRE;
 		o.gre_proto = version == 4 ? bpf_htons(ETH_P_IP) : bpf_htons(ETH_P_IPV6);
@@ -327,8 +327,7 @@ slow:
 /* ------------------------------------------------------------------------------------------ */
 /* ingress                                                                                    */
 
-static __always_inline __u32 *lookup(struct rx_key *k, __be32 local, __be32 remote,
-				     struct iphdr *iph, struct __sk_buff *skb, int *wild)
+static __always_inline __u32 *lookup(struct rx_key *k, __be32 local, __be32 remote, int *wild)
 {
 	__u32 *tun;
 
@@ -354,15 +353,15 @@ static __always_inline __u32 *lookup(struct rx_key *k, __be32 local, __be32 remo
 
 /* whether dst is an address of this host: a wildcard tunnel takes only what ip_rcv() would
  * deliver locally, not what the host forwards */
-static __always_inline int is_local(struct __sk_buff *skb, struct iphdr *iph)
+static __always_inline int is_local(void *ctx, __u32 ifindex, struct iphdr *iph)
 {
 	struct bpf_fib_lookup fib = {
 		.family = AF_INET,
-		.ifindex = skb->ingress_ifindex,
+		.ifindex = ifindex,
 		.ipv4_src = iph->saddr,
 		.ipv4_dst = iph->daddr,
 	};
-	int ret = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
+	int ret = bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
 
 	/* not forwarded: local (or broadcast); forwarding off on the device: ip_rcv() would
 	 * drop what is not local, so it is taken as local */
@@ -427,7 +426,7 @@ int tunl_ingress(struct __sk_buff *skb)
 		version = iph.protocol == IPPROTO_IPIP ? 4 : 6;
 	}
 
-	tun = lookup(&k, iph.daddr, iph.saddr, &iph, skb, &wild);
+	tun = lookup(&k, iph.daddr, iph.saddr, &wild);
 	if (!tun)
 		return TC_ACT_OK;   /* not a tunnel of ours: the slow path or the kernel */
 	ifindex = *tun;
@@ -438,7 +437,7 @@ int tunl_ingress(struct __sk_buff *skb)
 		goto slow;
 	if (t->link && t->link != skb->ingress_ifindex)
 		goto slow;
-	if (wild && !k.local && !is_local(skb, &iph))
+	if (wild && !k.local && !is_local(skb, skb->ingress_ifindex, &iph))
 		return TC_ACT_OK;
 	if (version == 6 && !(t->flags & F_DECAP_L3))
 		goto slow;          /* skb->protocol cannot follow before Linux 6.3 */
@@ -495,8 +494,11 @@ int tunl_ingress(struct __sk_buff *skb)
 		}
 	}
 
-	if (version == 6)
-		flags = BPF_F_ADJ_ROOM_DECAP_L3_IPV6;
+	/* the inner segments keep their size: FIXED_GSO (else gso_size would grow by the
+	 * outer header, and segments outgrow the MSS they were cut for) */
+	flags = BPF_F_ADJ_ROOM_FIXED_GSO;
+	if (t->flags & F_DECAP_L3)
+		flags |= version == 6 ? BPF_F_ADJ_ROOM_DECAP_L3_IPV6 : BPF_F_ADJ_ROOM_DECAP_L3_IPV4;
 	if (bpf_skb_adjust_room(skb, -(__s32)strip, BPF_ADJ_ROOM_MAC, flags))
 		goto slow;
 	if (version == 6) {
@@ -512,5 +514,6 @@ slow:
 	count(ifindex, C_RX_SLOW, 1);
 	return TC_ACT_OK;
 }
+
 
 char LICENSE[] SEC("license") = "GPL";
