@@ -45,7 +45,7 @@ import time
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import end_netns, interrupt_on_signals, machine as bench_machine  # noqa: E402  (bench/bench.py, beside this one)
+from bench import end_netns, interrupt_on_signals, machine as bench_machine, stop  # noqa: E402  (bench/bench.py, beside this one)
 from tunl.lab.netns import mirror_rows  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
@@ -233,15 +233,7 @@ class Lab:
                     pass
 
     def reap(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop(self.procs)
         self.procs.clear()
 
     def close(self) -> None:

@@ -139,6 +139,23 @@ def one_to_one(net: Net) -> tuple[Host, Host]:
     return a, b
 
 
+def transfer(sender: Host, receiver: Host, addr: str, port: int, data: bytes, tmp) -> str:
+    """Send data over TCP from sender to a sink on receiver at addr:port; the SHA-256 of
+    what the sink received (hex), to compare with hashlib.sha256(data)."""
+    src = tmp / f"payload-{port}"
+    src.write_bytes(data)
+    sink = receiver.popen("python3 -c 'import socket,hashlib\n"
+                          f"s=socket.create_server((\"{addr}\",{port}));c,_=s.accept()\n"
+                          "h=hashlib.sha256()\n"
+                          "while (d:=c.recv(1<<16)): h.update(d)\n"
+                          "print(h.hexdigest())'", stdout=-1)
+    time.sleep(0.5)
+    sender.run(f"python3 -c 'import socket;s=socket.create_connection((\"{addr}\",{port}));"
+               f"s.sendfile(open(\"{src}\",\"rb\"));s.close()'", timeout=120)
+    got, _ = sink.communicate(timeout=60)
+    return got.strip()
+
+
 def _delete(ns: str) -> None:
     pids = sh(f"ip netns pids {ns}", check=False).stdout.split()
     for pid in pids:

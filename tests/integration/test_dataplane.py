@@ -17,16 +17,16 @@ import time
 
 import pytest
 
-from nsutil import A_UL, B_UL, Net, one_to_one
+from nsutil import A_UL, B_UL, TUNL, Net, one_to_one, transfer
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("dataplane")]
 if os.geteuid() != 0:
     pytest.skip("needs root for network namespaces and TUN devices", allow_module_level=True)
 
 
 
 @pytest.fixture(scope="module")
-def o2o():
+def o2o(dataplane):
     net = Net()
     try:
         a, b = one_to_one(net)
@@ -58,8 +58,10 @@ def test_show_prints_what_ip_tunnel_show_prints(o2o):
 
 
 def test_tcpdump_sees_inner_icmp_on_tunl0_and_protocol_4_on_the_underlay(o2o):
+    """`tunl tunnel capture` is tcpdump on the device; on the eBPF plane it also shows what
+    the egress program would have sent past the device's queue."""
     _, a, b, _ = o2o
-    inner = a.popen("tcpdump -n -l -c 2 -i tunl0 icmp", stdout=-1, stderr=-1)
+    inner = a.popen(f"{TUNL} tunnel capture tunl0 -n -l -c 2 icmp", stdout=-1, stderr=-1)
     outer = b.popen("tcpdump -n -l -c 2 -i eth0 ip proto 4", stdout=-1, stderr=-1)
     time.sleep(1.0)      # let both captures attach
     assert a.ping("10.42.2.1").returncode == 0
@@ -96,17 +98,7 @@ def test_path_mtu_learned_from_underlay_icmp_lowers_the_frag_needed_mtu(o2o):
 def test_50_mb_tcp_transfer_arrives_intact(o2o, tmp_path):
     _, a, b, _ = o2o
     data = random.Random(7).randbytes(50 * 1000 * 1000)
-    src = tmp_path / "payload"
-    src.write_bytes(data)
-    sink = b.popen("python3 -c 'import socket,hashlib\n"
-                   "s=socket.create_server((\"10.42.2.1\",5555));c,_=s.accept();h=hashlib.sha256()\n"
-                   "while (d:=c.recv(1<<16)): h.update(d)\n"
-                   "print(h.hexdigest())'", stdout=-1)
-    time.sleep(0.5)
-    a.run(f"python3 -c 'import socket;s=socket.create_connection((\"10.42.2.1\",5555));"
-          f"s.sendfile(open(\"{src}\",\"rb\"));s.close()'", timeout=120)
-    got, _ = sink.communicate(timeout=60)
-    assert got.strip() == hashlib.sha256(data).hexdigest()
+    assert transfer(a, b, "10.42.2.1", 5555, data, tmp_path) == hashlib.sha256(data).hexdigest()
 
 
 def test_kill_9_of_tunld_loses_nothing_and_traffic_comes_back_by_itself(o2o):

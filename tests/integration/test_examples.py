@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("dataplane")]
 if os.geteuid() != 0:
     pytest.skip("needs root: the examples run in network namespaces (run as root, e.g. "
                 "sudo ./dev test)", allow_module_level=True)

@@ -11,7 +11,7 @@ import pytest
 
 from nsutil import Net
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("dataplane")]
 if os.geteuid() != 0:
     pytest.skip("needs root for network namespaces and TUN devices", allow_module_level=True)
 
@@ -22,7 +22,7 @@ A_UL, B_UL = "172.16.232.172", "172.16.232.194"
 
 
 @pytest.fixture(scope="module")
-def pair():
+def pair(dataplane):
     net = Net()
     try:
         a, b = net.host("A"), net.host("B")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("dataplane")]
 if os.geteuid() != 0:
     pytest.skip("needs root: the lab creates network namespaces", allow_module_level=True)
 if shutil.which("ip") is None:

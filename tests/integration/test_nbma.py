@@ -9,7 +9,7 @@ import pytest
 
 from nsutil import Net
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("dataplane")]
 if os.geteuid() != 0:
     pytest.skip("needs root for network namespaces and TUN devices", allow_module_level=True)
 
@@ -18,7 +18,7 @@ SUBNET = {"A": 1, "B": 2, "C": 3}
 
 
 @pytest.fixture(scope="module")
-def o2m():
+def o2m(dataplane):
     net = Net()
     try:
         hosts = {n: net.host(n) for n in UL}

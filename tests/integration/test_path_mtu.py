@@ -16,7 +16,7 @@ import pytest
 
 from nsutil import A_UL, B_UL, Host, Net, one_to_one
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("dataplane")]
 if os.geteuid() != 0:
     pytest.skip("needs root for network namespaces and TUN devices", allow_module_level=True)
 

@@ -10,7 +10,7 @@ import pytest
 
 from nsutil import Net
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("dataplane")]
 if os.geteuid() != 0:
     pytest.skip("needs root for network namespaces and TUN devices", allow_module_level=True)
 
@@ -20,7 +20,7 @@ A_UL, B_UL, C_UL = "172.16.165.33", "172.16.165.244", "172.16.168.113"
 
 
 @pytest.fixture(scope="module")
-def hosts():
+def hosts(dataplane):
     net = Net()
     try:
         a, b, c = net.host("A"), net.host("B"), net.host("C")

@@ -19,7 +19,7 @@ import pytest
 from tunl.lab.netns import mirror_rows
 from nsutil import A_UL, B_UL, ENV, TUNL, Host, Net, alive, one_to_one, sh
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("dataplane")]
 if os.geteuid() != 0:
     pytest.skip("needs root for network namespaces and TUN devices", allow_module_level=True)
 
@@ -320,10 +320,11 @@ def test_a_burst_of_routes_leaves_the_mirror_exact_and_tunld_idle(nbma, rcvbuf):
 
 def test_200_tunnels_share_a_bounded_number_of_threads_and_sit_idle(nbma):
     _, a, _ = nbma
-    script = ("from tunl.daemon import client\n"
+    script = ("import os\nfrom tunl.daemon import client\n"
               "for i in range(200):\n"
               "    client.call('add', spec={'name': f'g{i}', 'mode': 'gre', 'ikey': i + 1,"
-              " 'okey': i + 1, 'remote': '172.16.232.194', 'local': '172.16.232.172'})\n")
+              " 'okey': i + 1, 'remote': '172.16.232.194', 'local': '172.16.232.172'},"
+              " dataplane=os.environ.get('TUNL_DATAPLANE', 'auto'))\n")
     a.run(f"{sys.executable} -c {shlex.quote(script)}", timeout=300)
     a.run("for i in $(seq 0 199); do ip link set g$i up; done")
     st = status(a)

@@ -1,6 +1,7 @@
 """The interop rig: a guest running Debian's kernel, with its own ipip, ip_gre and sit
-modules, on an underlay bridge beside host-side namespaces that run tunl's userspace data
-plane. Tests build a tunnel on each side with the same words and check what crosses.
+modules, on an underlay bridge beside host-side namespaces that run tunl's eBPF or userspace
+data plane (every test runs on both). Tests build a tunnel on each side with the same words
+and check what crosses.
 
 Everything is skipped, with the reason printed, where the rig cannot be built (not root, no
 QEMU, no kernel package); `./dev interop` runs these tests alone.
@@ -15,6 +16,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "integration"))
 
+import nsutil  # noqa: E402
 from nsutil import Host, Net  # noqa: E402
 
 import image  # noqa: E402
@@ -22,7 +24,8 @@ from vm import QEMU, VM, VMError  # noqa: E402
 
 GUEST = "172.16.165.244"
 UNDERLAY = "/16"
-RESULTS: list[tuple[str, str, str]] = []
+RESULTS: list[tuple[str, str, str, str]] = []
+PLANE: list[str] = ["userspace"]        # the host side's data plane of the running test
 
 
 class Rig:
@@ -98,25 +101,43 @@ def rig():
 
 
 @pytest.fixture
-def interop(rig):
+def guest(rig):
+    """The rig for tests that run tunl in the guest only (its kernel data plane)."""
     yield rig
     rig.reset()
+
+
+@pytest.fixture(params=["ebpf", "userspace"])
+def interop(rig, request):
+    """The rig, with the host side's tunnels on one data plane (TUNL_DATAPLANE)."""
+    if request.param == "ebpf":
+        from tunl.kernel.probe import bpf_load
+        why = bpf_load()
+        if why:
+            pytest.skip(f"no eBPF data plane here: {why}")
+    nsutil.ENV["TUNL_DATAPLANE"] = PLANE[0] = request.param
+    try:
+        yield rig
+    finally:
+        nsutil.ENV.pop("TUNL_DATAPLANE", None)
+        rig.reset()
 
 
 @pytest.fixture
 def record():
     """record(case, direction, ok): a row of the matrix printed at the end of the run."""
     def add(case: str, direction: str, ok: bool, detail: str = "") -> None:
-        RESULTS.append((case, direction, ("ok" if ok else "FAIL") + (f" {detail}" if detail else "")))
+        RESULTS.append((PLANE[0], case, direction,
+                        ("ok" if ok else "FAIL") + (f" {detail}" if detail else "")))
     return add
 
 
 def pytest_terminal_summary(terminalreporter):
     if not RESULTS:
         return
-    w = max(len(c) for c, _, _ in RESULTS)
+    w = max(len(c) for _, c, _, _ in RESULTS)
     tr = terminalreporter
-    tr.section("interop matrix: tunl userspace (host) against the Linux kernel (guest)")
-    tr.write_line(f"{'case':<{w}}  {'direction':<28}  result")
-    for case, direction, result in RESULTS:
-        tr.write_line(f"{case:<{w}}  {direction:<28}  {result}")
+    tr.section("interop matrix: tunl eBPF and userspace (host) against the Linux kernel (guest)")
+    tr.write_line(f"{'plane':<9}  {'case':<{w}}  {'direction':<28}  result")
+    for plane, case, direction, result in RESULTS:
+        tr.write_line(f"{plane:<9}  {case:<{w}}  {direction:<28}  {result}")

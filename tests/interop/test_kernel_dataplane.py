@@ -42,8 +42,8 @@ def test_the_device_is_the_one_iproute2_makes(compared, record, words):
     assert MTU_BOUNDS.sub("", r["tunl"]) == MTU_BOUNDS.sub("", r["ip tunnel add"])
 
 
-def test_cli_add_show_change_prl_6rd_del_on_kernel_devices(interop):
-    rig = interop
+def test_cli_add_show_change_prl_6rd_del_on_kernel_devices(guest):
+    rig = guest
     g = rig.guest
     g(f"{TUNL} tunnel add k1 mode gre remote 192.0.2.1 local 192.0.2.2 key 5 "
       "--dataplane kernel", undo="ip link del k1")
@@ -61,16 +61,16 @@ def test_cli_add_show_change_prl_6rd_del_on_kernel_devices(interop):
     assert "k1" not in g("ip -br link") and "k2" not in g("ip -br link")
 
 
-def test_auto_takes_the_kernel_where_it_has_the_module(interop):
-    rig = interop
+def test_auto_takes_the_kernel_where_it_has_the_module(guest):
+    rig = guest
     rig.guest(f"{TUNL} tunnel add a1 mode ipip remote 192.0.2.1 local 192.0.2.3",
               undo="ip link del a1")
     detail = rig.guest("ip -d link show a1")
     assert "ipip ipip remote 192.0.2.1" in detail and "tun type" not in detail
 
 
-def test_devices_tunl_did_not_make_are_left_alone(interop):
-    rig = interop
+def test_devices_tunl_did_not_make_are_left_alone(guest):
+    rig = guest
     before = rig.guest("ip tunnel show tunl0")
     rc, out = rig.vm.run(f"{TUNL} tunnel change tunl0 ttl 5; echo rc=$?", check=False)
     assert "tunl did not create it" in out and "rc=1" in out
@@ -80,7 +80,7 @@ def test_devices_tunl_did_not_make_are_left_alone(interop):
     assert "gre0" in rig.guest("ip -br link")
 
 
-def test_doctor_in_the_guest_says_the_kernel_carries_the_tunnels(interop):
-    out = interop.guest(f"{TUNL} doctor", check=False)
+def test_doctor_in_the_guest_says_the_kernel_carries_the_tunnels(guest):
+    out = guest.guest(f"{TUNL} doctor", check=False)
     for mode in ("ipip", "gre", "sit"):
         assert re.search(rf"^\s+{mode}\s+kernel\b", out, re.M), out

@@ -35,6 +35,7 @@ class Host:
         self.raw_error: dict[int, int] = {}
         self.kinds: dict[str, str] = {}
         self.devs: list[str] = []
+        self.bpf: str | None | bool = False        # False: not probed; None: the programs load
         self.write("proc/sys/kernel/osrelease", RELEASE)
         self.write("proc/modules", "")
         self.write("proc/sys/kernel/modules_disabled", "0")
@@ -122,7 +123,8 @@ class Host:
 
         return probe.Readers(root=self.root, euid=lambda: self.euid, open_tun=open_tun,
                              raw_socket=raw_socket, run=self.run,
-                             link_kinds=lambda: dict(self.kinds))
+                             link_kinds=lambda: dict(self.kinds),
+                             bpf_load=None if self.bpf is False else lambda: self.bpf)
 
     def facts(self) -> probe.Facts:
         return probe.gather(self.readers())
@@ -147,6 +149,73 @@ def with_status(lines: list[str], word: str) -> list[str]:
 
 
 # -- the data plane of each mode -----------------------------------------------------------
+
+# -- the eBPF data plane ---------------------------------------------------------------------
+
+def ebpf_host(host, load_error=None, btf=b"BPF_F_ADJ_ROOM_DECAP_L3_IPV6"):
+    host.bpf = load_error
+    host.write("lib/modules/" + RELEASE + "/modules.builtin",
+               "kernel/net/sched/cls_bpf.ko\nkernel/net/sched/sch_ingress.ko\n")
+    if btf is not None:
+        (host.root / "sys/kernel/btf").mkdir(parents=True, exist_ok=True)
+        (host.root / "sys/kernel/btf/vmlinux").write_bytes(b"\0" + btf + b"\0")
+    return host
+
+
+def test_without_the_module_the_programs_loading_gives_the_ebpf_plane(host):
+    ebpf_host(host)
+    p = host.plane("ipip")
+    assert p.plane == "ebpf", p
+    assert "the eBPF programs load and tc can attach them" in p.why
+    assert host.plane("vti").plane == "unavailable"
+    assert "oseq, ocsum, iseq and icsum tunnels take tunld's slow path" in host.plane("gre").why
+    assert ("OK    eBPF: the programs load (bpf(2), privileges, verifier, helpers) and tc has "
+            "clsact and bpf filters: tunnels without a kernel module get the eBPF data plane"
+            ) in host.lines()
+
+
+def test_a_loaded_module_beats_ebpf(host):
+    ebpf_host(host)
+    host.write("sys/module/ipip/initstate", "live")
+    assert host.plane("ipip").plane == "kernel"
+    assert host.plane("gre").plane == "ebpf"
+
+
+def test_programs_refused_for_privileges_say_which_capabilities(host):
+    ebpf_host(host, load_error="load: Operation not permitted (errno 1)")
+    assert host.plane("ipip").plane == "userspace"
+    assert "no eBPF (load: Operation not permitted (errno 1))" in host.plane("ipip").why
+    assert ("WARN  eBPF: the kernel refused to load the programs (EPERM): tunnels take the "
+            "userspace data plane; fix: run tunl as root with CAP_BPF and CAP_NET_ADMIN (or "
+            "CAP_SYS_ADMIN); a container: --cap-add BPF --cap-add NET_ADMIN") in host.lines()
+
+
+def test_an_unbuilt_object_says_to_run_the_setup(host):
+    ebpf_host(host, load_error="object: /x/tunl.bpf.o is not built")
+    assert host.plane("sit").plane == "userspace"
+    assert any(l.startswith("WARN  eBPF: object: /x/tunl.bpf.o is not built") and
+               l.endswith("fix: run ./dev setup (clang -target bpf builds tunl.bpf.o)")
+               for l in host.lines())
+
+
+def test_a_kernel_without_cls_bpf_gets_no_ebpf(host):
+    ebpf_host(host)
+    host.write("lib/modules/" + RELEASE + "/modules.builtin", "kernel/net/sched/sch_ingress.ko\n")
+    assert host.plane("ipip").plane == "userspace"
+    assert "tc has no cls_bpf (bpf filters)" in host.plane("ipip").why
+
+
+def test_a_kernel_before_6_3_sends_received_ipv6_in_ipv4_to_the_slow_path(host):
+    ebpf_host(host, btf=b"BPF_F_ADJ_ROOM_ENCAP_L3_IPV4")
+    assert host.plane("sit").plane == "ebpf"
+    assert ("OK    eBPF: this kernel has no BPF_F_ADJ_ROOM_DECAP_L3_* (Linux 6.3): received "
+            "IPv6 inside IPv4 (sit, gre) takes the slow path") in host.lines()
+
+
+def test_no_btf_is_a_warning(host):
+    ebpf_host(host, btf=None)
+    assert any(l.startswith("WARN  eBPF: no kernel BTF") for l in host.lines())
+
 
 def test_a_loaded_module_gives_the_kernel_data_plane(host):
     host.write("sys/module/ipip/initstate", "live")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -92,6 +93,10 @@ class Programs:
         self.obj: libbpf.Object | None = None
         self.egress_fd = self.ingress_fd = -1
         self.maps: dict[str, int] = {}
+        # what tunl last wrote to the per-tunnel maps: {map: {ifindex: {key: value}}}, so
+        # that a sync costs one write per change, not a walk of the map per tunnel
+        self._pushed: dict[str, dict[int, dict[bytes, bytes]]] = {}
+        self._lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -123,6 +128,10 @@ class Programs:
             self.egress_fd = obj.prog_fd("tunl_egress")
             self.ingress_fd = obj.prog_fd("tunl_ingress")
             self.maps = {m: obj.map_fd(m) for m in MAPS}
+            self._pushed = {"tunl_paths": self._read(self.maps["tunl_paths"], PathKey,
+                                                     OuterPath, lambda k: k.ifindex),
+                            "tunl_routes": self._read(self.maps["tunl_routes"], RouteKey, B4,
+                                                      _route_owner)}
         except BaseException:
             obj.close()
             raise
@@ -134,7 +143,7 @@ class Programs:
     def close(self) -> None:
         if self.obj is not None:
             self.obj.close()
-        self.obj, self.maps = None, {}
+        self.obj, self.maps, self._pushed = None, {}, {}
 
     # -- attach -------------------------------------------------------------------------------
 
@@ -193,32 +202,56 @@ class Programs:
 
     def set_paths(self, ifindex: int, paths: dict[bytes, tuple[int, bytes, int]]) -> None:
         """The tunnel's outer routes: {outer dst: (oif, preferred source, path MTU)}."""
-        self._sync(self.maps["tunl_paths"], PathKey, OuterPath, ifindex,
-                   [(PathKey(ifindex, b4(d)), OuterPath(o, b4(s), m)) for d, (o, s, m) in paths.items()],
-                   lambda k: k.ifindex)
+        self._sync("tunl_paths", PathKey, ifindex,
+                   [(PathKey(ifindex, b4(d)), OuterPath(o, b4(s), m))
+                    for d, (o, s, m) in paths.items()])
 
     def set_routes(self, ifindex: int, routes: dict[tuple[bytes, int], bytes | None]) -> None:
         """The tunnel's IPv4 routes: {(prefix, length): gateway or None}."""
         idx = b4(ifindex.to_bytes(4, "big"))
-        want = [(RouteKey(32 + plen, idx, b4(net)), b4(gw)) for (net, plen), gw in routes.items()]
-        self._sync(self.maps["tunl_routes"], RouteKey, B4, ifindex, want,
-                   lambda k: int.from_bytes(bytes(k.ifindex), "big"))
+        self._sync("tunl_routes", RouteKey, ifindex,
+                   [(RouteKey(32 + plen, idx, b4(net)), b4(gw))
+                    for (net, plen), gw in routes.items()])
 
     @staticmethod
-    def _sync(fd: int, key_type, value_type, ifindex: int, want: list, owner) -> None:
-        """Make the map's entries of one tunnel exactly `want`, touching only what differs."""
-        have = {}
+    def _read(fd: int, key_type, value_type, owner) -> dict[int, dict[bytes, bytes]]:
+        """A map's entries by tunnel: one walk, when the maps are (re)opened."""
+        out: dict[int, dict[bytes, bytes]] = {}
         for k in libbpf.keys(fd, key_type):
-            if owner(k) == ifindex:
-                v = value_type()
-                if libbpf.lookup(fd, k, v):
-                    have[bytes(k)] = v
+            v = value_type()
+            if libbpf.lookup(fd, k, v):
+                out.setdefault(owner(k), {})[bytes(k)] = bytes(v)
+        return out
+
+    def _sync(self, name: str, key_type, ifindex: int, want: list) -> None:
+        """Make the map's entries of one tunnel exactly `want`, writing only what differs from
+        what was written last."""
+        fd = self.maps[name]
         wanted = {bytes(k): (k, v) for k, v in want}
-        for kb in have.keys() - wanted.keys():
-            libbpf.delete(fd, key_type.from_buffer_copy(kb))
-        for kb, (k, v) in wanted.items():
-            if kb not in have or bytes(have[kb]) != bytes(v):
-                libbpf.update(fd, k, v)
+        with self._lock:
+            have = self._pushed.setdefault(name, {}).setdefault(ifindex, {})
+            for kb in have.keys() - wanted.keys():
+                libbpf.delete(fd, key_type.from_buffer_copy(kb))
+                del have[kb]
+            for kb, (k, v) in wanted.items():
+                vb = bytes(v)
+                if have.get(kb) != vb:
+                    libbpf.update(fd, k, v)
+                    have[kb] = vb
+            if not have:
+                del self._pushed[name][ifindex]
+
+    def lower_mtu(self, dst: bytes, mtu: int) -> None:
+        """A path MTU learned for dst: every tunnel's path to it shrinks at once."""
+        fd = self.maps["tunl_paths"]
+        with self._lock:
+            for entries in self._pushed.get("tunl_paths", {}).values():
+                for kb, vb in entries.items():
+                    k, v = PathKey.from_buffer_copy(kb), OuterPath.from_buffer_copy(vb)
+                    if bytes(k.dst) == dst and v.mtu > mtu:
+                        v.mtu = mtu
+                        libbpf.update(fd, k, v)
+                        entries[kb] = bytes(v)
 
     def counters(self, ifindex: int) -> list[int]:
         """The tunnel's counters summed over the CPUs (C_* order)."""
@@ -228,6 +261,10 @@ class Programs:
         if not libbpf.lookup(self.maps["tunl_stats"], U32(ifindex), vals):
             return [0] * C_MAX
         return [sum(vals[c][i] for c in range(ncpu)) for i in range(C_MAX)]
+
+
+def _route_owner(k: RouteKey) -> int:
+    return int.from_bytes(bytes(k.ifindex), "big")
 
 
 @lru_cache(maxsize=1)

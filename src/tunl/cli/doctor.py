@@ -48,7 +48,7 @@ class Finding:
 class Plane:
     """The data plane `--dataplane auto` gets for one mode, and why."""
 
-    plane: str                     # kernel | userspace | unavailable
+    plane: str                     # kernel | ebpf | userspace | unavailable
     module: str
     module_state: str              # loaded | builtin | loadable | absent
     why: str
@@ -132,8 +132,39 @@ def plane(f: Facts, mode: str) -> Plane:
     if problems:
         return Plane("unavailable", mod, state,
                      f"{why}; userspace cannot run: {'; '.join(problems)}")
+    no_bpf = ebpf_problems(f)
+    if not no_bpf:
+        return Plane("ebpf", mod, state, f"{why}; the eBPF programs load and tc can attach "
+                     f"them{SLOW_PATH[mode]}")
+    no_bpf = "" if no_bpf == ["not probed"] else f"; no eBPF ({'; '.join(no_bpf)})"
     return Plane("userspace", mod, state,
-                 f"{why}; /dev/net/tun and raw IP protocol {PROTO[mode]} sockets work")
+                 f"{why}{no_bpf}; /dev/net/tun and raw IP protocol {PROTO[mode]} sockets work")
+
+
+# what each mode's eBPF tunnels leave to the userspace slow path (daemon/ebpf.slow_reasons())
+SLOW_PATH = {
+    "ipip": "",
+    "gre": "; oseq, ocsum, iseq and icsum tunnels take tunld's slow path in that direction",
+    "sit": "; a sit tunnel without remote (6rd, ::a.b.c.d next hops) takes tunld's slow path",
+    "isatap": "; isatap packets take tunld's slow path (PRL and next-hop rules)",
+}
+
+
+def ebpf_problems(f: Facts) -> list[str]:
+    """Why tunnels cannot get the eBPF data plane here (empty: they can)."""
+    b = f.bpf
+    if b is None or b.load_error == "not probed":
+        return ["not probed"]
+    out = []
+    if b.load_error:
+        out.append(b.load_error)
+    for mod, state in (("cls_bpf", b.cls_bpf), ("sch_ingress", b.clsact)):
+        # without /lib/modules a built-in module leaves no trace: only a listing can say "no"
+        if (state == "absent" and f.modules.have_dep
+                or state == "loadable" and not f.loading.works):
+            out.append(f"tc has no {mod} ({'clsact' if mod == 'sch_ingress' else 'bpf'} "
+                       f"filters)")
+    return out
 
 
 def planes(f: Facts) -> dict[str, Plane]:
@@ -188,6 +219,41 @@ def check_tun(f: Facts) -> list[Finding]:
                         "has no TUN driver", "modprobe tun, or a kernel built with CONFIG_TUN")]
     return [Finding(status, f"/dev/net/tun cannot be opened ({_err(f.tun_errno)}): userspace "
                     "tunnels cannot be created")]
+
+
+def check_ebpf(f: Facts) -> list[Finding]:
+    b = f.bpf
+    if b is None or b.load_error == "not probed":
+        return []
+    problems = ebpf_problems(f)
+    out = []
+    if not problems:
+        out.append(Finding("OK", "eBPF: the programs load (bpf(2), privileges, verifier, "
+                           "helpers) and tc has clsact and bpf filters: tunnels without a "
+                           "kernel module get the eBPF data plane"))
+    elif b.load_error and b.load_error.startswith("object"):
+        out.append(Finding("WARN", f"eBPF: {b.load_error}: tunnels take the userspace data "
+                           "plane", "run ./dev setup (clang -target bpf builds tunl.bpf.o)"))
+    elif b.load_error and b.load_error.startswith("libbpf"):
+        out.append(Finding("WARN", f"eBPF: {b.load_error}: tunnels take the userspace data "
+                           "plane", "apt install libbpf1"))
+    elif b.load_error and "errno 1)" in b.load_error:
+        out.append(Finding("WARN", "eBPF: the kernel refused to load the programs (EPERM): "
+                           "tunnels take the userspace data plane",
+                           "run tunl as root with CAP_BPF and CAP_NET_ADMIN (or "
+                           "CAP_SYS_ADMIN); a container: --cap-add BPF --cap-add NET_ADMIN"))
+    else:
+        out.append(Finding("WARN", f"eBPF: {'; '.join(problems)}: tunnels take the userspace "
+                           "data plane", "a kernel with CONFIG_BPF_SYSCALL, CONFIG_NET_CLS_BPF "
+                           "and CONFIG_NET_SCH_INGRESS"))
+    if not b.btf:
+        out.append(Finding("WARN", "eBPF: no kernel BTF (/sys/kernel/btf/vmlinux): tunl cannot "
+                           "tell which BPF flags this kernel has, so received IPv6-in-IPv4 "
+                           "takes the slow path", "a kernel with CONFIG_DEBUG_INFO_BTF"))
+    elif not b.decap_l3 and not problems:
+        out.append(Finding("OK", "eBPF: this kernel has no BPF_F_ADJ_ROOM_DECAP_L3_* (Linux "
+                           "6.3): received IPv6 inside IPv4 (sit, gre) takes the slow path"))
+    return out
 
 
 def check_raw(f: Facts) -> list[Finding]:
@@ -458,11 +524,21 @@ def check_tunnel_state(t: Link) -> list[Finding]:
 
 def tunnel_json(f: Facts, t: Link) -> dict:
     dsts = probe.outer_destinations(t, f.routes)
-    return {"name": t.name, "mode": t.mode, "dataplane": "userspace" if t.tunl else "kernel",
+    return {"name": t.name, "mode": t.mode, "dataplane": _dataplane(t),
             "mtu": t.mtu, "up": t.up, "remote": t.remote, "local": t.local,
             "underlay": sorted({f.route_dev[d] for d in dsts if f.route_dev.get(d)}),
             "fallback": _fallback(t),
             "tunld": (t.carrier is True) if t.tunl and t.up else None}
+
+
+def _dataplane(t: Link) -> str:
+    if not t.tunl:
+        return "kernel"
+    from ..bpf.programs import Programs
+    try:
+        return "ebpf" if Programs.attached(t.index, ingress=False) else "userspace"
+    except OSError:
+        return "userspace"
 
 
 def tunnel_line(j: dict, width: int = 0) -> str:
@@ -482,7 +558,8 @@ def tunnel_line(j: dict, width: int = 0) -> str:
 
 def findings(f: Facts) -> list[Finding]:
     ts = tunnels(f)
-    out = check_root(f) + check_sysfs(f) + check_tun(f) + check_raw(f) + check_ip_forward(f)
+    out = check_root(f) + check_sysfs(f) + check_tun(f) + check_raw(f) + check_ebpf(f)
+    out += check_ip_forward(f)
     out += check_rp_default(f)
     for t in ts:
         out += check_rp_tunnel(f, t)

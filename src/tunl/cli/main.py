@@ -44,27 +44,54 @@ def do_tunnel(argv: list[str], opts: dict) -> int:
     if grammar.matches(verb, "change"):
         name = grammar.name_only(words, "change")
         _need_root("tunnel change")
-        plane, current = planes.find(name)
+        plane, current = planes.find(name, "change")
         plane.change(grammar.spec_for_change(words, current))
         return 0
     if grammar.matches(verb, "delete"):
         name = grammar.name_only(words, "del")
         _need_root("tunnel del")
-        planes.find(name)[0].delete(name)
+        planes.find(name, "delete")[0].delete(name)
         return 0
     if grammar.matches(verb, "show") or grammar.matches(verb, "lst") or grammar.matches(verb, "list"):
         return show_tunnels(grammar.parse_words(words), opts)
+    if grammar.matches(verb, "capture"):
+        return capture(words)
     if verb == "prl":
         dev, action, addr, default = grammar.parse_prl(words)
         _need_root("tunnel prl")
-        planes.find(dev)[0].prl(dev, action, addr, default)
+        planes.find(dev, "prl")[0].prl(dev, action, addr, default)
         return 0
     if verb == "6rd":
         dev, prefix, relay, reset = grammar.parse_6rd(words)
         _need_root("tunnel 6rd")
-        planes.find(dev)[0].sixrd(dev, prefix, relay)
+        planes.find(dev, "6rd")[0].sixrd(dev, prefix, relay)
         return 0
     raise ConfigError(f'"{verb}": unknown command; try "tunl tunnel help"')
+
+
+def capture(words: list[str]) -> int:
+    """tunl tunnel capture NAME [ TCPDUMP-OPTIONS ]: tcpdump on the tunnel device, both
+    directions. On the eBPF plane transmitted packets skip the device's queue, where tcpdump
+    looks; while the capture runs, the tunnel sends through the queue (the slow path)."""
+    if not words:
+        raise ConfigError("capture: say which tunnel: tunl tunnel capture NAME [ tcpdump "
+                          "options ]")
+    name, rest = words[0], words[1:]
+    _need_root("tunnel capture")
+    plane, _spec = planes.find(name, "capture")
+    ebpf = any(t["dataplane"] == "ebpf" for t in plane.show(name))
+    import subprocess
+    if ebpf:
+        _call("capture", name=name, pid=os.getpid())
+    try:
+        return subprocess.call(["tcpdump", "-i", name] + rest)
+    except FileNotFoundError:
+        raise TunlError("capture: tcpdump is not installed (apt install tcpdump)") from None
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if ebpf:
+            _call("capture", name=name, pid=None)
 
 
 def show_tunnels(f: dict, opts: dict) -> int:
@@ -122,8 +149,12 @@ def usage() -> str:
 
 
 def run(argv: list[str]) -> int:
+    # TUNL_DATAPLANE sets the default of --dataplane (for a host, or a test run)
     opts = {"json": False, "stats": False, "pretty": False, "details": False,
-            "dataplane": "auto"}
+            "dataplane": os.environ.get("TUNL_DATAPLANE") or "auto"}
+    if opts["dataplane"] not in DATAPLANES:
+        raise ConfigError(f'TUNL_DATAPLANE "{opts["dataplane"]}": the data planes are auto, '
+                          "kernel, ebpf and userspace")
     rest = []
     i = 0
     while i < len(argv):       # --dataplane may come anywhere, as in `tunl tunnel add ... --dataplane kernel`

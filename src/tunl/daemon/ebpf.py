@@ -56,8 +56,11 @@ def slow_reasons(spec: TunnelSpec) -> tuple[list[str], list[str]]:
     return tx, rx
 
 
-def tnl_for(spec: TunnelSpec, ifindex: int, link: int) -> tuple[P.Tnl, P.RxKey]:
+def tnl_for(spec: TunnelSpec, ifindex: int, link: int,
+            capture: bool = False) -> tuple[P.Tnl, P.RxKey]:
     tx, rx = slow_reasons(spec)
+    if capture:
+        tx = tx + ["capture"]
     flags = P.feature_flags()
     flags |= P.F_PMTUDISC if spec.pmtudisc else 0
     flags |= P.F_OKEY if spec.okey is not None else 0
@@ -98,6 +101,7 @@ class EbpfTunnels:
         self.programs = programs or P.Programs()
         self.tunnels: dict[int, tuple[TunnelSpec, int]] = {}    # ifindex -> (spec, link)
         self.ingress: set[int] = set()
+        self.capturing: dict[int, int] = {}     # ifindex -> pid of `tunl tunnel capture`
         self.error: str | None = None
 
     # -- availability ---------------------------------------------------------------------------
@@ -124,7 +128,7 @@ class EbpfTunnels:
         ingress program on every underlay device."""
         old = self.tunnels.get(ifindex)
         self.programs.load(self._attached() + [(ifindex, P.BPF_TC_EGRESS)])
-        tnl, rxk = tnl_for(spec, ifindex, link)
+        tnl, rxk = tnl_for(spec, ifindex, link, ifindex in self.capturing)
         if old is not None:
             _t, old_rx = tnl_for(old[0], ifindex, old[1])
             if bytes(old_rx) != bytes(rxk):
@@ -133,6 +137,25 @@ class EbpfTunnels:
         self.tunnels[ifindex] = (spec, link)
         self.programs.attach_egress(ifindex)
         self.attach_underlay()
+
+    def capture(self, ifindex: int, pid: int | None) -> None:
+        """While `tunl tunnel capture` (pid) runs, every transmitted packet of the tunnel
+        takes the slow path through the device queue, where tcpdump sees it."""
+        if pid is None:
+            self.capturing.pop(ifindex, None)
+        else:
+            self.capturing[ifindex] = pid
+        spec, link = self.tunnels[ifindex]
+        self.put(spec, ifindex, link)
+
+    def end_dead_captures(self) -> None:
+        for ifindex, pid in list(self.capturing.items()):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                self.capture(ifindex, None)
+            except PermissionError:
+                pass
 
     def attach_underlay(self) -> None:
         """The ingress program on every underlay device there is now (new ones included)."""
@@ -147,6 +170,7 @@ class EbpfTunnels:
                     log.warning("cannot attach the ingress program to ifindex %d: %s", index, e)
 
     def remove(self, ifindex: int) -> None:
+        self.capturing.pop(ifindex, None)
         if self.tunnels.pop(ifindex, None) is None:
             return
         if self.programs.obj is not None:

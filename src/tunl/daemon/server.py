@@ -59,6 +59,7 @@ OPS = {
               "relay": ((str, type(None)), True)},
     "show": {"name": ((str, type(None)), False)},
     "routes": {"name": (str, True)},
+    "capture": {"name": (str, True), "pid": ((int, type(None)), True)},
     "status": {},
     "shutdown": {},
 }
@@ -77,6 +78,7 @@ class Tunld:
         self.mirror = Mirror()
         self.ebpf = EbpfTunnels(lambda dst, src, oif: self._rtnl().route_get(dst, src, oif))
         self.planes: dict[str, str] = {}     # name -> "ebpf" | "userspace"
+        self.engine.on_pmtu = self._pmtu_learned
         self.lock = threading.Lock()
         self.running = True
         self._stop_r, self._stop_w = os.pipe()
@@ -273,6 +275,16 @@ class Tunld:
                 except OSError as e:
                     LOG.error("%s: eBPF maps: %s", t.spec.name, e, key=("ebpf-sync", t.ifindex))
 
+    def _pmtu_learned(self, peer: bytes, mtu: int) -> None:
+        """From the engine's ICMP thread: the eBPF paths to peer shrink now, not at the next
+        refresh (the maps are the kernel's; no lock of tunld's is needed)."""
+        programs = self.ebpf.programs
+        if programs.obj is not None:
+            try:
+                programs.lower_mtu(peer, mtu)
+            except OSError as e:
+                LOG.error("eBPF path MTU to %s: %s", socket.inet_ntoa(peer), e, key="ebpf-pmtu")
+
     def _renamed(self, renamed: list) -> None:
         """`ip link set OLD name NEW`: the kernel's tunnels keep working under a new name,
         and so do tunl's. All renames of a batch at once: one may take a name another gave
@@ -361,6 +373,7 @@ class Tunld:
                         next_refresh = now + PATH_REFRESH
                     if paths and now >= last_paths + PATH_COALESCE:
                         self.engine.paths_changed()
+                        self.ebpf.end_dead_captures()
                         self._ebpf_sync()
                         paths, last_paths = False, now
                     if routes and now >= last_routes + COALESCE:
@@ -592,6 +605,13 @@ class Tunld:
                 "threads": threading.active_count(), "resyncs": self.resyncs,
                 "overflows": self.overflows,
                 "log": self.log_path}
+
+    def op_capture(self, name: str, pid: int | None) -> dict:
+        """`tunl tunnel capture`: an eBPF tunnel sends through its queue while pid runs."""
+        t = self._ours(name, "capture")
+        if t.ifindex in self.ebpf.tunnels:
+            self.ebpf.capture(t.ifindex, pid)
+        return self._status(name)
 
     def op_routes(self, name: str) -> list[list]:
         """The route mirror of one tunnel, as [destination, gateway, table] (for checks)."""

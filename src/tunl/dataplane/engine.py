@@ -117,6 +117,7 @@ class Engine:
         self.route_via = route_via
         self.tunnels: dict[str, TunnelPlane] = {}
         self.pmtu = PmtuCache(clock)
+        self.on_pmtu: Callable[[bytes, int], None] | None = None   # a path MTU was learned
         self._unmatched: list[Counter] = []    # received packets no tunnel took, by reason
         self._ingress_busy: list[list[int]] = []
         self.icmp_frag_needed = 0
@@ -607,6 +608,8 @@ class Engine:
             self.icmp_frag_needed += 1
             learned = self.pmtu.learn(peer, msg.mtu)
             LOG.info("path MTU to %s is now %d", socket.inet_ntoa(peer), learned, key="pmtu")
+            if self.on_pmtu is not None:
+                self.on_pmtu(peer, learned)
 
     def stats(self) -> dict:
         unmatched: Counter = Counter()

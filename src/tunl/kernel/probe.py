@@ -111,10 +111,41 @@ class Readers:
     run: Callable[[list[str]], Run | None] = _run
     route_dev: Callable[[str], str | None] | None = None
     link_kinds: Callable[[], dict[str, str]] | None = None
+    bpf_load: Callable[[], str | None] | None = None
 
 
 def live() -> Readers:
-    return Readers(route_dev=netlink_route_dev, link_kinds=netlink_kinds)
+    return Readers(route_dev=netlink_route_dev, link_kinds=netlink_kinds, bpf_load=bpf_load)
+
+
+def bpf_load() -> str | None:
+    """Load the eBPF data plane's programs into this kernel and unload them: None when the
+    kernel takes them (BPF syscall, privileges, verifier, helpers), else why not."""
+    from ..bpf import programs
+    from ..bpf.libbpf import LibbpfMissing
+    p = programs.Programs()
+    try:
+        p.load()
+    except FileNotFoundError:
+        return f"object: {programs.OBJECT} is not built"
+    except LibbpfMissing as e:
+        return f"libbpf: {e}"
+    except OSError as e:
+        return f"load: {e.strerror or e} (errno {e.errno})"
+    finally:
+        p.close()
+    return None
+
+
+@dataclass(frozen=True)
+class Bpf:
+    """What the eBPF data plane needs of this host."""
+
+    load_error: str | None              # None: the programs load; "not probed" in tests
+    btf: bool                           # /sys/kernel/btf/vmlinux: the kernel's flags can be read
+    decap_l3: bool                      # bpf_skb_adjust_room() knows BPF_F_ADJ_ROOM_DECAP_L3_*
+    cls_bpf: str                        # module states of cls_bpf and sch_ingress (clsact)
+    clsact: str
 
 
 def read(root: Path, rel: str) -> str | None:
@@ -601,6 +632,7 @@ class Facts:
     routes: list[Route4]
     route_dev: dict[str, str | None]    # tunnel remote or gateway -> underlay device
     firewalls: list[Firewall]
+    bpf: Bpf | None = None
 
 
 def _errno_of(f: Callable, arg) -> int:
@@ -635,16 +667,32 @@ def gather(rd: Readers) -> Facts:
     tunnels = [l for l in lks if l.kind or l.tunl]
     dsts = {d for l in tunnels for d in outer_destinations(l, rts)}
     rp_devs = ["all", "default"] + [l.name for l in lks]
+    mods = modules(root, release)
     return Facts(
         release=release, euid=rd.euid(), cap_eff=cap_eff(root),
-        modules=modules(root, release), loading=module_loading(root),
+        modules=mods, loading=module_loading(root),
         tun_errno=_errno_of(rd.open_tun, str(root / "dev/net/tun")),
         raw_errno={p: _errno_of(rd.raw_socket, p) for p in (4, 47, 41)},
         ip_forward=read_int(root, "proc/sys/net/ipv4/ip_forward"),
         rp_filter={d: read_int(root, f"proc/sys/net/ipv4/conf/{d}/rp_filter") for d in rp_devs},
         links=lks, proc_devs=proc_net_dev(root), routes=rts,
         route_dev={d: _route_dev(rd.route_dev, rts, d) for d in sorted(dsts)},
-        firewalls=_firewalls(rd.run))
+        firewalls=_firewalls(rd.run), bpf=_bpf(rd, root, mods))
+
+
+def _bpf(rd: Readers, root: Path, mods: Modules) -> Bpf:
+    btf = read_bytes(root, "sys/kernel/btf/vmlinux")
+    return Bpf(load_error=_safe(rd.bpf_load, "probe failed") if rd.bpf_load else "not probed",
+               btf=btf is not None,
+               decap_l3=btf is not None and b"BPF_F_ADJ_ROOM_DECAP_L3_IPV6" in btf,
+               cls_bpf=mods.state("cls_bpf"), clsact=mods.state("sch_ingress"))
+
+
+def read_bytes(root: Path, rel: str) -> bytes | None:
+    try:
+        return (root / rel).read_bytes()
+    except OSError:
+        return None
 
 
 def _route_dev(live_dev: Callable[[str], str | None] | None, rts: list[Route4], dst: str):

@@ -60,16 +60,17 @@ def for_new(mode: TunnelMode, asked: str) -> DataPlane:
     return KernelPlane() if state != "missing" else TunldPlane("auto")
 
 
-def find(name: str) -> tuple[DataPlane, TunnelSpec]:
+def find(name: str, verb: str = "get") -> tuple[DataPlane, TunnelSpec]:
     """The plane that holds tunnel `name`, and its spec (ForeignDeviceError for a kernel
-    device tunl did not make; NotFoundError when there is none)."""
+    device tunl did not make; NotFoundError, in the words of `ip tunnel VERB`, when there is
+    none)."""
     from .kernel import KernelPlane
     from .tunld import TunldPlane
     for plane in (KernelPlane(), TunldPlane("auto")):
         spec = plane.spec(name)
         if spec is not None:
             return plane, spec
-    raise NotFoundError(f'get tunnel "{name}" failed: No such device')
+    raise NotFoundError(f'{verb} tunnel "{name}" failed: No such device')
 
 
 def show(name: str | None = None) -> list[dict]:
