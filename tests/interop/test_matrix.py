@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import GUEST
+from conftest import GUEST, PLANE
 
 HOST = "172.16.165.33"
 PAYLOAD = random.Random(11).randbytes(2 * 1000 * 1000)
@@ -56,6 +56,22 @@ def tcp(rig, record, case, host, guest_in):
     ok = digest == hashlib.sha256(PAYLOAD).hexdigest()
     record(case, f"tunl -> kernel: TCP 2 MB {dst}", ok, "" if ok else f"got {digest[:16]!r}")
     assert ok
+
+
+def fast_path(record, case, host, dev, tx=True, rx=True):
+    """On the eBPF plane: the packets of the case took the kernel's fast path where the
+    programs handle them (tx, rx), and the slow path where they leave them to tunld."""
+    if PLANE[0] != "ebpf":
+        return
+    import json
+    t = next(t for t in json.loads(host.tunl("-j tunnel show").stdout) if t["ifname"] == dev)
+    assert t["dataplane"] == "ebpf", t["dataplane"]
+    e = t["ebpf"]
+    ok = (e["fast_tx"] > 0) is tx and (e["slow_tx"] > 0) is not tx and \
+         (e["fast_rx"] > 0) is rx and (e["slow_rx"] > 0) is not rx
+    record(case, f"{'fast' if tx else 'slow'} tx {'fast' if rx else 'slow'} rx", ok,
+           f"fast tx {e['fast_tx']} rx {e['fast_rx']}, slow tx {e['slow_tx']} rx {e['slow_rx']}")
+    assert ok, e
 
 
 def too_big(rig, record, case, host, dev, guest_in, host_in):
@@ -123,6 +139,7 @@ def test_ipip_point_to_point(interop, record):
     host.run("ip addr add 10.60.1.1/24 dev ipip1 && ip link set ipip1 up")
     pings(rig, record, "ipip", host, "10.60.1.1", "10.60.1.2")
     tcp(rig, record, "ipip", host, "10.60.1.2")
+    fast_path(record, "ipip", host, "ipip1")
     too_big(rig, record, "ipip", host, "ipip1", "10.60.1.2", "10.60.1.1")
     forwarded_too_big(rig, record, "ipip", host, "ipip1")
 
@@ -142,6 +159,8 @@ def test_gre(interop, record, opts):
     pings(rig, record, case, host, "10.61.1.1", "10.61.1.2")
     pings(rig, record, case + " (IPv6 inside)", host, "fd00:61::1", "fd00:61::2")
     tcp(rig, record, case, host, "10.61.1.2")
+    fast_path(record, case, host, "gre1", tx="seq" not in opts and "csum" not in opts,
+              rx="seq" not in opts and "csum" not in opts)
     too_big(rig, record, case, host, "gre1", "10.61.1.2", "10.61.1.1")
     forwarded_too_big(rig, record, case, host, "gre1")
 
@@ -157,6 +176,8 @@ def test_sit_point_to_point(interop, record):
     time.sleep(2)       # IPv6 duplicate address detection on both sides
     pings(rig, record, "sit", host, "2001:db8:62::1", "2001:db8:62::2")
     tcp(rig, record, "sit", host, "2001:db8:62::2")
+    from tunl.bpf.programs import F_DECAP_L3, feature_flags
+    fast_path(record, "sit", host, "sit1", rx=bool(feature_flags() & F_DECAP_L3))
     too_big(rig, record, "sit", host, "sit1", "2001:db8:62::2", "2001:db8:62::1")
     forwarded_too_big(rig, record, "sit", host, "sit1", v6=True)
 
@@ -174,6 +195,7 @@ def test_isatap_with_a_router_list(interop, record):
     assert f"pdr {HOST}" in rig.guest("ip tunnel show isatap0")
     pings(rig, record, "isatap", host, f"2001:db8:5::5efe:{HOST}", f"2001:db8:5::5efe:{GUEST}")
     tcp(rig, record, "isatap", host, f"2001:db8:5::5efe:{GUEST}")
+    fast_path(record, "isatap", host, "isatap0", tx=False, rx=False)
     too_big(rig, record, "isatap", host, "isatap0", f"2001:db8:5::5efe:{GUEST}",
             f"2001:db8:5::5efe:{HOST}")
 
@@ -195,6 +217,7 @@ def test_6rd(interop, record):
         rig.guest("ip tunnel show sit6rd").strip().replace(f"local {GUEST}", f"local {HOST}")
     pings(rig, record, "6rd", host, "2001:db8:a521::1", "2001:db8:a5f4::1")
     tcp(rig, record, "6rd", host, "2001:db8:a5f4::1")
+    fast_path(record, "6rd", host, "sit6rd", tx=False, rx=False)
     too_big(rig, record, "6rd", host, "sit6rd", "2001:db8:a5f4::1", "2001:db8:a521::1")
 
 
@@ -227,4 +250,5 @@ def test_one_to_many_with_the_kernel_as_one_node(interop, record):
     record("one-to-many A<->C", "tunl -> tunl: ping", p.returncode == 0)
     assert p.returncode == 0
     tcp(rig, record, "one-to-many A->B", hosts["A"], "10.42.2.1")
+    fast_path(record, "one-to-many A->B", hosts["A"], "tunl0")
     too_big(rig, record, "one-to-many A<->B", hosts["A"], "tunl0", "10.42.2.1", "10.42.1.1")

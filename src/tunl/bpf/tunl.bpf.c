@@ -256,6 +256,9 @@ int tunl_egress(struct __sk_buff *skb)
 
 		if (!p || p->oif == ifindex)
 			goto slow;
+		/* sit over a path under 1280 + 20 clears DF (RFC 4213 §3.2.2): the slow path */
+		if (t->mode == MODE_SIT && p->mtu < 1300)
+			goto slow;
 		oif = p->oif;
 		src = t->local ? t->local : p->src;
 		if (!src)
@@ -377,7 +380,7 @@ int tunl_ingress(struct __sk_buff *skb)
 	__u32 *tun, ifindex, off, strip, pkt_len;
 	__u8 inner_tos, version;
 	__u64 flags = 0;
-	int wild = 0;
+	int wild = 0, slow = 0;
 
 	if (skb->protocol != bpf_htons(ETH_P_IP) || skb->pkt_type != PACKET_HOST)
 		return TC_ACT_OK;
@@ -406,9 +409,13 @@ int tunl_ingress(struct __sk_buff *skb)
 		if (bpf_skb_load_bytes(skb, off, g, sizeof(g)))
 			return TC_ACT_OK;
 		gf = bpf_ntohs(g[0]);
-		/* checksums, sequence numbers, routing and versions: the slow path's rules */
-		if (gf & (GRE_CSUM | GRE_ROUTING | GRE_SEQ | GRE_VERSION) || gf & 0x0ff8)
+		/* routing and versions: the slow path drops them; checksums and sequence numbers:
+		 * the slow path's rules, on the tunnel the packet is for */
+		if (gf & (GRE_ROUTING | GRE_VERSION) || gf & 0x0ff8)
 			return TC_ACT_OK;
+		slow = gf & (GRE_CSUM | GRE_SEQ);
+		if (gf & GRE_CSUM)
+			strip += 4;
 		if (g[1] == bpf_htons(ETH_P_IP))
 			version = 4;
 		else if (g[1] == bpf_htons(ETH_P_IPV6))
@@ -417,7 +424,7 @@ int tunl_ingress(struct __sk_buff *skb)
 			return TC_ACT_OK;
 		strip += 4;
 		if (gf & GRE_KEY) {
-			if (bpf_skb_load_bytes(skb, off + 4, &k.key, 4))
+			if (bpf_skb_load_bytes(skb, ETH_HLEN + strip, &k.key, 4))
 				return TC_ACT_OK;
 			k.has_key = 1;
 			strip += 4;
@@ -433,7 +440,7 @@ int tunl_ingress(struct __sk_buff *skb)
 	t = bpf_map_lookup_elem(&tunl_tunnels, &ifindex);
 	if (!t)
 		return TC_ACT_OK;
-	if (t->flags & F_SLOW_RX)
+	if (t->flags & F_SLOW_RX || slow)
 		goto slow;
 	if (t->link && t->link != skb->ingress_ifindex)
 		goto slow;

@@ -33,7 +33,8 @@ def do_tunnel(argv: list[str], opts: dict) -> int:
         argv = ["show"]
     verb, words = argv[0], argv[1:]
     if grammar.matches(verb, "help"):
-        sys.stdout.write("Usage: tunl tunnel { add | change | del | show | prl | 6rd } [ NAME ]\n"
+        sys.stdout.write("Usage: tunl tunnel { add | change | del | show | prl | 6rd | capture } "
+                         "[ NAME ]\n"
                          + grammar.USAGE.split("\n", 1)[1])
         return 0
     if grammar.matches(verb, "add"):
@@ -143,6 +144,7 @@ def do_daemon(argv: list[str], opts: dict) -> int:
 def usage() -> str:
     return ("Usage: " + __doc__.strip() + "\n\n"
             "  tunl tunnel { add | change | del | show } [ NAME ] ...   like `ip tunnel`\n"
+            "  tunl tunnel capture NAME [ TCPDUMP-OPTIONS ]   tcpdump on a tunnel, both ways\n"
             "  tunl lab { up FILE | down FILE | exec NODE -- CMD | demo FILE }\n"
             "  tunl daemon { status | stop }\n"
             "  tunl doctor        which data plane this host gets, and what breaks tunnels here\n")

@@ -56,11 +56,13 @@ def slow_reasons(spec: TunnelSpec) -> tuple[list[str], list[str]]:
     return tx, rx
 
 
-def tnl_for(spec: TunnelSpec, ifindex: int, link: int,
-            capture: bool = False) -> tuple[P.Tnl, P.RxKey]:
+def tnl_for(spec: TunnelSpec, ifindex: int, link: int, capture: bool = False,
+            down: bool = False) -> tuple[P.Tnl, P.RxKey]:
     tx, rx = slow_reasons(spec)
     if capture:
         tx = tx + ["capture"]
+    if down:          # the slow path counts what a down device drops (TunnelDown)
+        tx, rx = tx + ["down"], rx + ["down"]
     flags = P.feature_flags()
     flags |= P.F_PMTUDISC if spec.pmtudisc else 0
     flags |= P.F_OKEY if spec.okey is not None else 0
@@ -102,6 +104,7 @@ class EbpfTunnels:
         self.tunnels: dict[int, tuple[TunnelSpec, int]] = {}    # ifindex -> (spec, link)
         self.ingress: set[int] = set()
         self.capturing: dict[int, int] = {}     # ifindex -> pid of `tunl tunnel capture`
+        self.down: set[int] = set()             # tunnels whose device is down
         self.error: str | None = None
 
     # -- availability ---------------------------------------------------------------------------
@@ -128,7 +131,8 @@ class EbpfTunnels:
         ingress program on every underlay device."""
         old = self.tunnels.get(ifindex)
         self.programs.load(self._attached() + [(ifindex, P.BPF_TC_EGRESS)])
-        tnl, rxk = tnl_for(spec, ifindex, link, ifindex in self.capturing)
+        tnl, rxk = tnl_for(spec, ifindex, link, ifindex in self.capturing,
+                           ifindex in self.down)
         if old is not None:
             _t, old_rx = tnl_for(old[0], ifindex, old[1])
             if bytes(old_rx) != bytes(rxk):
@@ -171,6 +175,7 @@ class EbpfTunnels:
 
     def remove(self, ifindex: int) -> None:
         self.capturing.pop(ifindex, None)
+        self.down.discard(ifindex)
         if self.tunnels.pop(ifindex, None) is None:
             return
         if self.programs.obj is not None:
@@ -187,13 +192,16 @@ class EbpfTunnels:
 
     # -- routes and paths -----------------------------------------------------------------------
 
-    def sync(self, ifindex: int, routes, pmtu) -> None:
+    def sync(self, ifindex: int, routes, pmtu, up: bool = True) -> None:
         """The tunnel's routes (from the mirror) and the paths to its peers, as the maps need
         them. pmtu(dst, mtu) gives the path MTU in force (learned ones included)."""
         got = self.tunnels.get(ifindex)
         if got is None or self.programs.obj is None:
             return
         spec, link = got
+        if up == (ifindex in self.down):
+            (self.down.discard if up else self.down.add)(ifindex)
+            self.put(spec, ifindex, link)
         table = {}
         for r in routes:
             if r.dst.version == 4 and r.table in (254, None):

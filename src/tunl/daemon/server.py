@@ -271,7 +271,7 @@ class Tunld:
             if t.ifindex in self.ebpf.tunnels:
                 try:
                     self.ebpf.sync(t.ifindex, self.mirror.tunnel_routes(t.ifindex),
-                                   self.engine.pmtu.get)
+                                   self.engine.pmtu.get, t.up)
                 except OSError as e:
                     LOG.error("%s: eBPF maps: %s", t.spec.name, e, key=("ebpf-sync", t.ifindex))
 
@@ -501,8 +501,12 @@ class Tunld:
                     self.ebpf.put(s, t.ifindex, self._link_index(s))
                 except OSError as e:
                     self.ebpf.remove(t.ifindex)
-                    raise UnsupportedError(f"--dataplane ebpf: cannot attach the programs to "
-                                           f"{s.name}: {e.strerror or e}") from e
+                    if dataplane == "ebpf":
+                        raise UnsupportedError(f"--dataplane ebpf: cannot attach the programs "
+                                               f"to {s.name}: {e.strerror or e}") from e
+                    LOG.warning("%s: cannot attach the eBPF programs (%s); it takes the "
+                                "userspace data plane", s.name, e, key=("ebpf", s.name))
+                    self.planes[s.name] = "userspace"
             self._record(t)
         except (DaemonError, UnsupportedError):
             self.records.pop(s.name, None)           # unrecorded: it would be lost; undo

@@ -249,8 +249,8 @@ def run(topo: Topology, out: TextIO, *, pcap_path: str | None = None, show: int 
             print(f"  (capture kept in {pcap_path})", file=out)
         print(file=out)
         for h in topo.hosts:
-            print(f"{h.name}: tunl -s tunnel show", file=out)
-            r = netns.sh(topo.ns_host(h), "tunl -s tunnel show", timeout=30)
+            print(f"{h.name}: tunl -d -s tunnel show", file=out)
+            r = netns.sh(topo.ns_host(h), "tunl -d -s tunnel show", timeout=30)
             text = (r.stdout + r.stderr).rstrip()
             for line in text.splitlines() or ["(nothing)"]:
                 print("  " + line, file=out)
