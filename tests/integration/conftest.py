@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 import nsutil
+from nsutil import ebpf_unavailable
 
 
 @pytest.fixture(scope="module", params=["ebpf", "userspace"])
@@ -24,13 +25,3 @@ def dataplane(request):
         nsutil.ENV.pop("TUNL_DATAPLANE", None)
     else:
         nsutil.ENV["TUNL_DATAPLANE"] = old
-
-
-_why: list = []
-
-
-def ebpf_unavailable() -> str | None:
-    if not _why:
-        from tunl.kernel.probe import bpf_load
-        _why.append(bpf_load())
-    return _why[0]

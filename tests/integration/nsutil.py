@@ -139,6 +139,18 @@ def one_to_one(net: Net) -> tuple[Host, Host]:
     return a, b
 
 
+_why: list = []
+
+
+def ebpf_unavailable() -> str | None:
+    """Why this host gives no eBPF data plane (tunl's own probe: it loads the programs), or
+    None; asked once per run."""
+    if not _why:
+        from tunl.kernel.probe import bpf_load
+        _why.append(bpf_load())
+    return _why[0]
+
+
 def transfer(sender: Host, receiver: Host, addr: str, port: int, data: bytes, tmp) -> str:
     """Send data over TCP from sender to a sink on receiver at addr:port; the SHA-256 of
     what the sink received (hex), to compare with hashlib.sha256(data)."""

@@ -130,6 +130,43 @@ def test_change_sets_a_fixed_ttl_seen_on_the_wire(o2o):
         a.tunl("tunnel change tunl0 ttl inherit")
 
 
+def send_ipv4(h, packet: bytes) -> None:
+    """Send a whole IPv4 packet (outer header included, as built) from host h."""
+    h.run("python3 -c 'import socket\n"
+          "s=socket.socket(socket.AF_INET,socket.SOCK_RAW,socket.IPPROTO_RAW)\n"
+          f"s.sendto(bytes.fromhex(\"{packet.hex()}\"),(\"{A_UL}\",0))'")
+
+
+def test_ecn_on_encapsulation_and_decapsulation_follows_rfc_6040(o2o):
+    from scapy.layers.inet import ICMP, IP
+    _, a, b, _ = o2o
+    # out: the inner ECN field is copied, CE as ECT(0) (INET_ECN_encapsulate())
+    cap = b.popen("tcpdump -n -v -l -c 2 -i eth0 ip proto 4 and src " + A_UL, stdout=-1,
+                  stderr=-1)
+    time.sleep(1.0)
+    a.ping("10.42.2.1", extra="-Q 0x03")
+    a.ping("10.42.2.1", extra="-Q 0x01")
+    out, _ = cap.communicate(timeout=10)
+    tos = re.findall(r"^\S+ IP \(tos (0x[0-9a-f]+)", out, re.M)
+    assert tos == ["0x2", "0x1"], out
+    # in: an outer CE over a not-ECT packet is dropped and counted; over an ECT(0) packet it
+    # marks the inner packet CE
+    before = a.counters()["rx_drop"].get("ecn", 0)
+
+    def outer(inner_tos: int, seq: int) -> bytes:
+        inner = IP(src="10.42.2.1", dst="10.42.1.1", tos=inner_tos) / ICMP(id=77, seq=seq)
+        return bytes(IP(src=B_UL, dst=A_UL, tos=0x03, proto=4) / inner)
+    inner_cap = a.popen(f"{TUNL} tunnel capture tunl0 -n -v -l -c 1 icmp and src 10.42.2.1",
+                        stdout=-1, stderr=-1)
+    time.sleep(1.0)
+    send_ipv4(b, outer(0x00, 1))
+    send_ipv4(b, outer(0x02, 2))
+    got, _ = inner_cap.communicate(timeout=10)
+    assert re.search(r"IP \(tos 0x3,CE.*\n.*10\.42\.2\.1 > 10\.42\.1\.1: ICMP echo request, "
+                     r"id 77, seq 2", got), got
+    assert a.counters()["rx_drop"].get("ecn", 0) == before + 1
+
+
 def test_malformed_and_foreign_packets_are_dropped_and_counted(o2o):
     """Thousands of mutated and random protocol-4 payloads from the peer: each one is
     delivered or dropped and counted, and the daemon lives on."""

@@ -13,8 +13,7 @@ import uuid
 
 import pytest
 
-from conftest import ebpf_unavailable
-from nsutil import TUNL, Host, Net
+from nsutil import TUNL, Host, Net, ebpf_unavailable
 
 pytestmark = pytest.mark.root
 if os.geteuid() != 0:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from nsutil import A_UL, B_UL, Net, alive, one_to_one, transfer
+from nsutil import A_UL, B_UL, Net, alive, ebpf_unavailable, one_to_one, transfer
 
 pytestmark = pytest.mark.root
 if os.geteuid() != 0:
@@ -22,7 +22,6 @@ if os.geteuid() != 0:
 
 @pytest.fixture(autouse=True)
 def ebpf_only():
-    from conftest import ebpf_unavailable
     why = ebpf_unavailable()
     if why:
         pytest.skip(f"no eBPF data plane here: {why}")

@@ -154,11 +154,10 @@ static __always_inline void count2(__u32 ifindex, int what, __u64 n, __u64 len)
 		if (!c)
 			return;
 	}
-	if (what >= 0 && what < C_MAX - 1) {
+	if (what >= 0 && what < C_MAX)
 		c->c[what] += n;
-		if (len)
-			c->c[what + 1] += len;
-	}
+	if (len && what >= 0 && what + 1 < C_MAX)
+		c->c[what + 1] += len;
 }
 
 #define count(ifindex, what, n) count2(ifindex, what, n, 0)
