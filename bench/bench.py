@@ -73,7 +73,6 @@ class Bench:
         self.a, self.b, self.c = (f"tl-bench-{tag}-{h}" for h in "abc")
         self.made: list[str] = []              # namespaces created, in order
         self.procs: list[subprocess.Popen] = []
-        self.logs: list[str] = []              # tunld names its log by the namespace's inode
 
     def run(self, ns: str, cmd: str, timeout: float = 60) -> str:
         p = subprocess.run(["ip", "netns", "exec", ns, "sh", "-c", cmd], capture_output=True,
@@ -86,10 +85,7 @@ class Bench:
         """The hosts, the underlay, the container behind a's bridge, and the bare routes."""
         for ns in (self.a, self.b, self.c):
             self.made.append(ns)              # first: an interrupt must not leak it
-            subprocess.run(["ip", "netns", "add", ns], check=True)
-            log = f"/run/tunl/tunld.net-{os.stat(f'/run/netns/{ns}').st_ino}.log"
-            if not os.path.exists(log):       # inodes are reused: never remove another's log
-                self.logs.append(log)
+            subprocess.run(["ip", "netns", "add", ns], check=True)   # tunld's log goes with it
         subprocess.run(["ip", "link", "add", "eth0", "netns", self.a, "type", "veth", "peer",
                         "name", "eth0", "netns", self.b], check=True)
         subprocess.run(["ip", "link", "add", "eth0", "netns", self.c, "type", "veth", "peer",
@@ -219,11 +215,6 @@ class Bench:
     def close(self) -> None:
         for ns in reversed(self.made):
             end_netns(ns)
-        for log in self.logs:
-            try:
-                os.unlink(log)
-            except FileNotFoundError:
-                pass
         stop(self.procs)
 
 

@@ -158,12 +158,10 @@ class Lab:
         ns = f"tl-bench-{self.tag}-{scenario}-{host}"
         self.made[ns] = []                       # first: an interrupt must not leak it
         subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
-        # tunld names its log by the namespace's inode and its state directory by the
-        # namespace's cookie; inodes are reused: never remove another's log
-        log = f"/run/tunl/tunld.net-{os.stat(f'/run/netns/{ns}').st_ino}.log"
+        # tunld keeps its record and its log in a directory named by the namespace's cookie
         state = self.run(ns, f"{PY} -c 'from tunl.daemon.state import state_dir; "
                              "print(state_dir())'").strip()
-        self.made[ns] += [p for p in (log, state) if p.startswith("/run/tunl/")
+        self.made[ns] += [p for p in (state,) if p.startswith("/run/tunl/")
                           and not os.path.exists(p)]
         self.run(ns, "ip link set lo up")
         return ns

@@ -30,6 +30,11 @@ class TunnelMode(enum.Enum):
         return {"ipip": 4, "gre": 47, "sit": 41, "isatap": 41, "vti": 4}[self.value]
 
     @property
+    def a_tunnel(self) -> str:
+        """"an ipip tunnel", "a gre tunnel": for messages."""
+        return f"{'an' if self.value[0] in 'aeiou' else 'a'} {self.value} tunnel"
+
+    @property
     def show_name(self) -> str:
         """What `ip tunnel show` prints before "/ip" (tnl_strproto())."""
         return {4: "ip", 47: "gre", 41: "ipv6"}[self.proto]
@@ -151,7 +156,7 @@ class TunnelSpec:
         if action not in ("add", "del"):
             raise ConfigError(f'prl action "{action}": it is "add" or "del"')
         if self.mode is not TunnelMode.ISATAP:
-            raise ConfigError(f"prl on {self.name}: {self.name} is a {self.mode.value} tunnel; "
+            raise ConfigError(f"prl on {self.name}: {self.name} is {self.mode.a_tunnel}; "
                               "only isatap tunnels have a potential router list")
         rest = tuple(e for e in self.prl if e[0] != router)
         if action == "add":

@@ -139,6 +139,19 @@ def one_to_one(net: Net) -> tuple[Host, Host]:
     return a, b
 
 
+def tunld_pids(h: Host) -> list[int]:
+    """The processes named tunld in a host's namespace."""
+    out = []
+    for pid in sh(f"ip netns pids {h.ns}", check=False).stdout.split():
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() == "tunld":
+                    out.append(int(pid))
+        except OSError:
+            pass
+    return out
+
+
 _why: list = []
 
 

@@ -217,15 +217,16 @@ def test_bad_requests_get_one_line_and_change_nothing(o2o, words, message):
     assert a.ping("10.42.2.1").returncode == 0
 
 
-def test_the_control_socket_answers_root_only(o2o):
+def test_the_control_socket_answers_reads_to_anyone_and_writes_to_root_only(o2o):
     _, a, _, _ = o2o
     a.tunld_pid()     # running
-    # tunld answers a refused peer before it reads a byte: this one sends nothing at all
-    probe = ("import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect('\\0tunl/tunld')\n"
-             "print(s.recv(4096).decode())\n")
-    p = a.run(f"setpriv --reuid=65534 --regid=65534 --clear-groups python3 -c {shlex.quote(probe)}")
-    reply = json.loads(p.stdout)
-    assert reply["ok"] is False and "root only" in reply["message"]
+    probe = ("import socket,sys\ns = socket.socket(socket.AF_UNIX)\ns.connect('\\0tunl/tunld')\n"
+             "s.sendall(sys.argv[1].encode() + b'\\n')\nprint(s.recv(65536).decode())\n")
+    nobody = "setpriv --reuid=65534 --regid=65534 --clear-groups python3 -c " + shlex.quote(probe)
+    shown = json.loads(a.run(f"{nobody} " + shlex.quote('{"op": "show"}')).stdout)
+    assert shown["ok"] is True and "tunl0" in json.dumps(shown)
+    refused = json.loads(a.run(f"{nobody} " + shlex.quote('{"op": "del", "name": "tunl0"}')).stdout)
+    assert refused["ok"] is False and refused["message"].startswith('op "del": needs root')
     assert [t["ifname"] for t in a.tunnels()] == ["tunl0"]
 
 

@@ -166,3 +166,47 @@ def test_example(path: Path, tmp_path):
         assert name not in control.running_labs()
     finally:
         control.down(name)
+
+
+# -- the demo's word on NoRoute -------------------------------------------------------------------
+
+_NOROUTE = re.compile(r"^  NoRoute (\d+) on (\S+): IPv6 multicast the kernel sent into \2,"
+                      r" (\d+) MLDv2 reports? to ff02::16 \(for group ff02::2\): a tunnel"
+                      r" without remote has no IPv4 destination for it$", re.MULTILINE)
+
+
+@pytest.mark.parametrize("stem, host, dev", [("sit", "A", "sit2"), ("isatap", "R", "isatap0")])
+def test_demo_says_why_a_tunnel_without_remote_counts_noroute(stem, host, dev, tmp_path):
+    """The host that forwards joins ff02::2 on its tunnel without remote and reports it with
+    MLDv2 (to ff02::16); the tunnel has no IPv4 destination for those reports and counts them
+    as NoRoute. The demo says so under that host's counters, with the kernel's own count."""
+    import sys
+    from nsutil import ENV
+    name = "e" + uuid.uuid4().hex[:8]
+    text, n = _NAME.subn(f'name = "{name}"', (ROOT / "examples" / f"{stem}.toml").read_text(),
+                         count=1)
+    assert n == 1
+    file = tmp_path / f"{stem}.toml"
+    file.write_text(text)
+    try:
+        r = subprocess.run([sys.executable, "-m", "tunl.lab.cli", "demo", str(file)], env=ENV,
+                           capture_output=True, text=True, timeout=180,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "all 8 pings answered" in r.stdout
+        found = _NOROUTE.findall(r.stdout)
+        assert len(found) == 1, r.stdout
+        noroute, where, mld = found[0]
+        # every NoRoute of the tunnel is one of the kernel's MLD reports into it
+        assert where == dev and int(noroute) == int(mld) >= 1, r.stdout
+        # under the counters of the host that forwards, whose NoRoute column says the same
+        section = r.stdout.split(f"\n{host}: tunl -d -s tunnel show\n")[1]
+        section = section.split(": tunl -d -s tunnel show\n")[0]
+        assert f"NoRoute {noroute} on {dev}:" in section
+        lines = section.split(f"  {dev}: ")[1].splitlines()
+        tx = next(i for i, line in enumerate(lines) if line.split()[:1] == ["TX:"])
+        assert lines[tx].split()[5] == "NoRoute"
+        assert lines[tx + 1].split()[4] == noroute
+    finally:
+        control.down(name)
+    assert namespaces(name) == []

@@ -154,11 +154,44 @@ def test_down_removes_every_namespace_and_process(lab):
     # no veth of the lab has landed in the root namespace
     assert "ve-A" not in subprocess.run(["ip", "-o", "link"], capture_output=True,
                                         text=True).stdout
-    # idempotent and quiet
+    # a second down changes nothing, and says that the lab is not up (exit 1, as `ip netns
+    # del` of a namespace that is not there)
     r = lab_cli("down", path)
-    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
-    r = lab_cli("down", "--lab", "t" + uuid.uuid4().hex[:8])
-    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == (f'tunl lab: down: lab "{lab.name}" is not up: no namespace'
+                        f" tl-{lab.name}-* exists (`tunl lab list` shows the labs that are up)\n")
+
+
+def test_down_of_a_lab_that_is_not_up_says_so_and_touches_nothing(lab):
+    path = lab(topology(lab.name))
+    assert lab_cli("up", path).returncode == 0
+    before = namespaces(lab.name)
+    nosuch = "t" + uuid.uuid4().hex[:8]
+    for args in (["--lab", nosuch], [lab(topology(nosuch), nosuch)], ["-v", "--lab", nosuch]):
+        r = lab_cli("down", *args)
+        assert (r.returncode, r.stdout) == (1, ""), args
+        assert r.stderr == (f'tunl lab: down: lab "{nosuch}" is not up: no namespace'
+                            f" tl-{nosuch}-* exists (`tunl lab list` shows the labs that are"
+                            " up)\n"), args
+    # FILE and --lab together: refused, nothing removed
+    r = lab_cli("down", path, "--lab", lab.name)
+    assert (r.returncode, r.stderr) == (1, "tunl lab: down: give FILE or --lab NAME, not both\n")
+    assert namespaces(lab.name) == before
+    # and the lab that is up still goes down by its name
+    r = lab_cli("down", "--lab", lab.name)
+    assert r.returncode == 0 and "deleted 4 namespaces" in r.stdout, r.stderr
+    assert namespaces(lab.name) == []
+
+
+def test_exec_lab_after_node_is_not_dropped(lab):
+    """`exec NODE --lab NAME -- CMD`: --lab counts there too (it was taken as part of CMD,
+    then replaced by the words after "--", so the command ran in whichever lab had NODE)."""
+    assert lab_cli("up", lab(topology(lab.name))).returncode == 0
+    r = lab_cli("exec", "A", "--lab", lab.name, "--", "ip", "-o", "-4", "addr", "show", "eth0")
+    assert r.returncode == 0 and "172.16.165.33/16" in r.stdout, r.stderr
+    nosuch = "t" + uuid.uuid4().hex[:8]
+    r = lab_cli("exec", "A", "--lab", nosuch, "--", "true")
+    assert (r.returncode, r.stderr) == (1, f'tunl lab: lab "{nosuch}" is not up\n')
 
 
 def test_failing_command_halfway_leaves_nothing(lab, tmp_path):

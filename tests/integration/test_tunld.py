@@ -17,7 +17,7 @@ import time
 import pytest
 
 from tunl.lab.netns import mirror_rows
-from nsutil import A_UL, B_UL, ENV, TUNL, Host, Net, alive, one_to_one, sh
+from nsutil import A_UL, B_UL, ENV, TUNL, Host, Net, alive, one_to_one, sh, tunld_pids
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("dataplane")]
 if os.geteuid() != 0:
@@ -39,17 +39,6 @@ def status(h: Host) -> dict:
     return json.loads(h.tunl("-j daemon status").stdout)
 
 
-def tunld_pids(h: Host) -> list[int]:
-    """The processes named tunld in a host's namespace."""
-    out = []
-    for pid in sh(f"ip netns pids {h.ns}", check=False).stdout.split():
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                if f.read().strip() == "tunld":
-                    out.append(int(pid))
-        except OSError:
-            pass
-    return out
 
 
 def wait_for(cond, timeout: float, step: float = 0.05):
@@ -514,3 +503,76 @@ def test_the_service_takes_over_a_tunld_that_a_command_started():
             main.wait(10)
     finally:
         net.close()
+
+
+# -- 5. change refuses what add refuses -------------------------------------------------------
+
+TWIN = "has the same protocol, local and remote addresses and key"
+
+
+def test_change_refuses_a_twin_as_add_does_and_changes_nothing():
+    """ip_tunnel_changelink() answers EEXIST when the new parameters are another tunnel's:
+    tunld's change refuses it in the words of its add, and leaves the tunnel as it was."""
+    net = Net()
+    try:
+        h = net.host("twin")
+        h.tunl("tunnel add g1 mode gre key 1 remote 172.16.1.2 local 172.16.1.1")
+        h.tunl("tunnel add g2 mode gre key 2 remote 172.16.1.2 local 172.16.1.1")
+        h.tunl("tunnel add t1 mode ipip remote 172.16.1.3 local 172.16.1.1")
+        h.tunl("tunnel add t2 mode ipip remote 172.16.1.4 local 172.16.1.1")
+        before = h.tunl("-j tunnel show").stdout
+        for words, twin in (("tunnel change g2 mode gre key 1 remote 172.16.1.2 "
+                             "local 172.16.1.1", "g1"),
+                            ("tunnel change t2 mode ipip remote 172.16.1.3 local 172.16.1.1",
+                             "t1")):
+            name = words.split()[2]
+            r = h.tunl(words, check=False)
+            assert r.returncode == 1 and "Traceback" not in r.stderr
+            assert r.stderr == f'tunl: change tunnel "{name}" failed: {twin} {TWIN}\n'
+            add = h.tunl(words.replace("change " + name, "add x" + name), check=False)
+            assert add.stderr == f'tunl: add tunnel "x{name}" failed: {twin} {TWIN}\n'
+        assert h.tunl("-j tunnel show").stdout == before
+        # a tunnel is not its own twin; another key, or the twin gone, and change goes on
+        h.tunl("tunnel change g1 mode gre key 1 remote 172.16.1.2 local 172.16.1.1 ttl 64")
+        h.tunl("tunnel change g2 mode gre key 3 remote 172.16.1.2 local 172.16.1.1")
+        h.tunl("tunnel del t1")
+        h.tunl("tunnel change t2 mode ipip remote 172.16.1.3 local 172.16.1.1")
+        shown = {t["ifname"]: t for t in h.tunnels()}
+        assert str(shown["g1"]["ttl"]) == "64" and str(shown["g2"]["ikey"]) in ("3", "0.0.0.3")
+        assert shown["t2"]["remote"] == "172.16.1.3"
+    finally:
+        net.close()
+
+
+def test_the_kernel_planes_change_says_the_same_when_the_kernel_answers_eexist():
+    """No tunnel module here to make the kernel answer: a stand-in for pyroute2 answers
+    EEXIST to the change, as ip_tunnel_changelink() does."""
+    from pyroute2.netlink.exceptions import NetlinkError
+    from tunl.errors import ExistsError, LinkError
+    from tunl.kernel.tunnels import KernelTunnels
+    from tunl.model import TunnelSpec
+
+    specs = {n: TunnelSpec.from_dict({"name": n, "mode": "gre", "remote": "172.16.1.2",
+                                      "local": "172.16.1.1", "ikey": k, "okey": k})
+             for n, k in (("g1", 1), ("g2", 2))}
+
+    class IPR:
+        def link(self, cmd, **kw):
+            if cmd == "set" and "kind" in kw:
+                raise NetlinkError(17, "File exists")
+            return []
+
+    k = KernelTunnels.__new__(KernelTunnels)
+    k._ipr = IPR()
+    k.owned = lambda name: specs.get(name)
+    k.read = lambda name: specs.get(name)
+    k.names = lambda: sorted(specs)
+    want = specs["g2"].with_(ikey=1, okey=1)
+    with pytest.raises(ExistsError) as e:
+        k.change(want)
+    assert str(e.value) == f'change tunnel "g2" failed: g1 {TWIN}'
+    k.names = lambda: ["g2"]            # the other one cannot be found: the kernel's word
+    with pytest.raises(LinkError) as e:
+        k.change(want)
+    assert str(e.value) == ("change tunnel g2: File exists (a tunnel with these addresses "
+                            "and key exists)") and e.value.code == 17

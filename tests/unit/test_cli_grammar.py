@@ -10,9 +10,47 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tunl.cli import grammar, main as cli
-from tunl.cli.show import stats_lines, tunnel_line
+from tunl.cli.show import selected, stats_lines, tunnel_line
 from tunl.errors import ConfigError
 from tunl.model import TunnelMode, TunnelSpec
+
+# iproute2 6.1's etc/iproute2/rt_dsfield, so that what tos prints does not hang on this host
+RT_DSFIELD = """# Differentiated field values
+# These include the DSCP and unused bits
+0x0\tdefault
+# Newer RFC2597 values
+0x28\tAF11
+0x30\tAF12
+0x38\tAF13
+0x48\tAF21
+0x50\tAF22
+0x58\tAF23
+0x68\tAF31
+0x70\tAF32
+0x78\tAF33
+0x88\tAF41
+0x90\tAF42
+0x98\tAF43
+# Older values RFC2474
+0x20\tCS1
+0x40\tCS2
+0x60\tCS3
+0x80\tCS4
+0xA0\tCS5
+0xC0\tCS6
+0xE0\tCS7
+# RFC 2598
+0xB8\tEF
+"""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def rt_dsfield(tmp_path_factory):
+    path = tmp_path_factory.mktemp("iproute2") / "rt_dsfield"
+    path.write_text(RT_DSFIELD)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(grammar, "DSFIELD_FILES", (str(path),))
+        yield path
 
 
 def test_one_to_one_words():
@@ -31,7 +69,9 @@ def test_one_to_many_words():
 @pytest.mark.parametrize("words, line", [
     ("t1 mode ipip remote 1.2.3.4 ttl 64 tos 10", "t1: ip/ip remote 1.2.3.4 local any ttl 64 tos 0x10"),
     ("t1 mode ipip tos inherit", "t1: ip/ip remote any local any ttl inherit tos inherit"),
-    ("t1 mode ipip tos inherit/28", "t1: ip/ip remote any local any ttl inherit tos inherit/0x28"),
+    ("t1 mode ipip tos inherit/28", "t1: ip/ip remote any local any ttl inherit tos inherit/AF11"),
+    ("t1 mode ipip tos inherit/30", "t1: ip/ip remote any local any ttl inherit tos inherit/AF12"),
+    ("t1 mode ipip tos 4", "t1: ip/ip remote any local any ttl inherit tos 0x04"),
     ("t1 mode ipip nopmtudisc", "t1: ip/ip remote any local any ttl inherit nopmtudisc"),
     ("t1 mode ipip dev eth0 hoplimit 9", "t1: ip/ip remote any local any dev eth0 ttl 9"),
     ("ipip7 remote any local 10.0.0.1", "ipip7: ip/ip remote any local 10.0.0.1 ttl inherit"),
@@ -59,7 +99,8 @@ def test_gre_flags_print_on_lines_of_their_own():
     ("t1 mode ipip remote 1.2.3.400", 'remote "1.2.3.400": an IPv4 address is a dotted quad'),
     ("t1 mode ipip local", "local: a value must follow this word"),
     ("t1 mode ipip key 5", "key with mode ipip: keys are only for gre and vti tunnels"),
-    ("t1 mode ipip tos zz", 'tos "zz": TOS is 00..ff'),
+    ("t1 mode ipip tos zz", 'tos "zz": bad TOS value; TOS is 00..ff (hex), a name of '
+                            'rt_dsfield (EF, AF11, ...), inherit or inherit/TOS'),
     ("t1 mode ipip remtoe 1.2.3.4", '"remtoe": not a word of tunl tunnel'),
     ("abcdefghijklmnop mode ipip", "a device name has at most 15 bytes"),
     ("tunl0", "tunl0: cannot determine tunnel mode"),
@@ -189,3 +230,138 @@ def test_6rd_prefix_rule_of_the_kernel():
     s = grammar.spec_for_add("sit1 mode sit".split())
     with pytest.raises(ConfigError, match="must not pass 64"):
         s.with_(ip6rd_prefix=IPv6Network("2001:db8::/48"), ip6rd_relay_prefix=IPv4Network("10.0.0.0/8"))
+
+
+# -- verbs as do_iptunnel() takes them -------------------------------------------------------
+
+@pytest.mark.parametrize("word, verb", [
+    ("a", "add"), ("ad", "add"), ("add", "add"),
+    ("c", "change"), ("ch", "change"), ("change", "change"),
+    ("d", "del"), ("de", "del"), ("del", "del"), ("delete", "del"),
+    ("s", "show"), ("sh", "show"), ("show", "show"),
+    ("l", "show"), ("ls", "show"), ("lst", "show"), ("li", "show"), ("list", "show"),
+    ("p", "prl"), ("pr", "prl"), ("prl", "prl"),
+    ("6", "6rd"), ("6r", "6rd"), ("6rd", "6rd"),
+    ("h", "help"), ("help", "help"),
+    ("ca", "capture"), ("capture", "capture"),     # tunl's own, after iproute2's verbs
+    ("x", None), ("adds", None), ("prl-default", None), ("", None), ("lists", None),
+])
+def test_verbs_are_the_first_keyword_the_word_is_a_prefix_of(word, verb):
+    assert grammar.tunnel_verb(word) == verb
+
+
+def test_cli_dispatches_prl_and_6rd_by_prefix(capsys):
+    # the words are checked before anything asks for root or touches the system
+    assert cli.main(["tunnel", "p", "prl-default", "10.0.0.9"]) == 1
+    assert cli.main(["tunnel", "pr", "prl-bogus", "1.2.3.4", "dev", "i0"]) == 1
+    assert cli.main(["tunnel", "6", "dev", "s1"]) == 1
+    assert cli.main(["tunnel", "6r", "6rd-prefix", "2001:db8::/32"]) == 1
+    assert cli.main(["tunnel", "frob"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "tunl: prl: must specify device (dev NAME)",
+        'tunl: "prl-bogus": invalid PRL parameter; tunl tunnel prl '
+        '{ prl-default | prl-nodefault | prl-delete } ADDR dev NAME',
+        "tunl: 6rd: say 6rd-prefix, 6rd-relay_prefix or 6rd-reset",
+        "tunl: 6rd: must specify device (dev NAME)",
+        'tunl: "frob": unknown command; try "tunl tunnel help"']
+
+
+def test_prl_and_6rd_words_are_whole_words_as_in_do_prl_and_do_6rd():
+    # iproute2 compares them with strcmp(), not matches()
+    with pytest.raises(ConfigError, match='"prl-def": invalid PRL parameter'):
+        grammar.parse_prl("prl-def 10.0.0.9 dev i0".split())
+    with pytest.raises(ConfigError, match='"6rd-pre": invalid 6RD parameter'):
+        grammar.parse_6rd("6rd-pre 2001:db8::/32 dev s1".split())
+
+
+@pytest.mark.parametrize("argv", [["h"], ["help"], ["add", "help"], ["add", "t1", "he"],
+                                  ["show", "h"], ["del", "hel"], ["change", "t1", "help"]])
+def test_help_anywhere_a_name_could_stand_prints_the_usage(argv, capsys):
+    # parse_args(): else if (matches(*argv, "help") == 0) usage();
+    assert cli.main(["tunnel", *argv]) == 0
+    out = capsys.readouterr()
+    assert out.out == cli.tunnel_usage() and out.err == ""
+
+
+def test_name_help_is_a_name():
+    assert grammar.parse_words("name help mode ipip".split())["name"] == "help"
+
+
+TUNNEL_WORDS = ["add", "change", "del", "show", "prl", "6rd", "capture", "help", "list",
+                "lst", "delete", "mode", "ipip", "gre", "sit", "isatap", "vti", "ip/ip",
+                "gre/ip", "ipv6/ip", "remote", "local", "[i|o]seq", "[i|o]key", "[i|o]csum",
+                "prl-default", "prl-nodefault", "prl-delete", "6rd-prefix",
+                "6rd-relay_prefix", "6rd-reset", "ttl", "hoplimit", "hlim", "tos", "tclass",
+                "dsfield", "[no]pmtudisc", "dev", "name", "inherit", "any", "--dataplane",
+                "auto", "kernel", "ebpf", "userspace", "TCPDUMP-OPTIONS", "rt_dsfield"]
+
+
+def test_tunnel_help_lists_every_verb_and_word():
+    text = cli.tunnel_usage()
+    assert text.startswith("Usage:\n    tunl tunnel { add | change | del | show | prl | 6rd")
+    assert [w for w in TUNNEL_WORDS if w not in text] == []
+    assert "a ipip" not in text
+
+
+def test_usage_lists_every_object_verb_and_option(capsys):
+    assert cli.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for w in ("tunnel", "prl", "6rd", "capture", "help", "lab", "daemon", "doctor",
+              "-s[tatistics]", "-d[etails]", "-j[son]", "-p[retty]", "-V[ersion]",
+              "--dataplane", "-s ", "-d ", "-j ", "-p ", "-V "):
+        assert w in text, w
+    assert "a ipip" not in text
+
+
+# -- the tunnels `show` lists: ip_tunnel_parm_match() -----------------------------------------
+
+def _spec(words: str) -> dict:
+    return grammar.spec_for_add(words.split()).to_dict()
+
+
+TUNNELS = [_spec("gre1 mode gre key 5 dev d0 local 192.0.2.1"),
+           _spec("gre2 mode gre ikey 7 okey 9 dev d1"),
+           _spec("t3 mode ipip dev d0 remote 198.51.100.3"),
+           _spec("t4 mode ipip")]
+
+
+@pytest.mark.parametrize("words, names", [
+    ("", ["gre1", "gre2", "t3", "t4"]),
+    ("dev d0", ["gre1", "t3"]),
+    ("dev d1", ["gre2"]),
+    ("key 5", ["gre1"]),
+    ("ikey 7", ["gre2"]),
+    ("key 7", ["gre2"]),                   # the ikey is compared...
+    ("okey 9", ["gre1", "gre2", "t3", "t4"]),   # ...and never the okey
+    ("key 0", ["gre1", "gre2", "t3", "t4"]),    # 0 is any
+    ("key 0.0.0.5", ["gre1"]),
+    ("dev d0 key 5", ["gre1"]),
+    ("dev d1 key 5", []),
+    ("remote 198.51.100.3", ["t3"]),
+    ("remote any", ["gre1", "gre2", "t3", "t4"]),
+    ("remote 0.0.0.0", ["gre1", "gre2", "t3", "t4"]),
+    ("local 192.0.2.1", ["gre1"]),
+    ("local any", ["gre1", "gre2", "t3", "t4"]),
+    ("t3", ["t3"]),
+    ("name gre2 dev d0", []),
+    ("mode gre", ["gre1", "gre2"]),
+    ("mode ipip dev d0", ["t3"]),
+    ("ttl 9 tos EF nopmtudisc seq", ["gre1", "gre2", "t3", "t4"]),   # parsed, not compared
+])
+def test_show_selects_as_ip_tunnel_parm_match(words, names):
+    f = grammar.parse_show(words.split())
+    assert [t["name"] for t in TUNNELS if selected(t, f)] == names
+
+
+@pytest.mark.parametrize("words", ["mode ipip key 5", "ipip0 key 5", "sit1 ikey 1",
+                                   "mode isatap okey 2"])
+def test_show_refuses_keys_with_a_mode_that_has_none(words):
+    # parse_args(): "Keys are not allowed with ipip and sit tunnels"
+    with pytest.raises(ConfigError, match="keys are only for gre and vti tunnels"):
+        grammar.parse_show(words.split())
+
+
+def test_show_takes_keys_with_gre_vti_or_no_mode():
+    assert grammar.parse_show("key 5".split())["ikey"] == 5
+    assert grammar.parse_show("mode vti ikey 5".split())["ikey"] == 5
+    assert grammar.parse_show("gre1 key 5".split())["ikey"] == 5

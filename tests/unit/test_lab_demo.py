@@ -145,3 +145,100 @@ def test_ping_table():
     assert lines[0].split() == ["from", "to", "target", "recv", "rtt", "min/avg/max", "ms"]
     assert lines[1].split() == ["A", "B", "10.42.2.1", "2/2", "0.269/0.286/0.303"]
     assert lines[2].split()[:5] == ["B", "A", "10.42.1.1", "0/3", "FAILED:"]
+
+
+# -- why NoRoute: the kernel's own multicast into a tunnel without remote -----------------------
+
+# what sit2 of examples/sit.toml's host A showed (it forwards, so it joined ff02::2), trimmed
+SNMP6_A_SIT2 = """\
+Ip6InReceives                   \t0
+Ip6OutRequests                  \t2
+Ip6OutMcastPkts                 \t2
+Ip6OutMcastOctets               \t152
+Icmp6OutMsgs                    \t2
+Icmp6OutRouterSolicits          \t0
+Icmp6OutNeighborSolicits        \t0
+Icmp6OutMLDv2Reports            \t2
+Icmp6OutType143                 \t2
+"""
+IGMP6_A = """\
+1    lo              ff020000000000000000000000000001     1 0000000C 0
+2    eth0            ff0200000000000000000001ff000000     1 00000004 0
+3    sit1            ff020000000000000000000000000002     1 00000004 0
+3    sit1            ff020000000000000000000000000001     1 0000000C 0
+4    sit2            ff020000000000000000000000000002     1 00000004 0
+4    sit2            ff020000000000000000000000000001     1 0000000C 0
+4    sit2            ff010000000000000000000000000001     1 00000008 0
+"""
+SIT2 = {"ifname": "sit2", "mode": "sit", "remote": "any", "local": "172.16.165.33",
+        "stats": {"tx_errors": 2, "tx_carrier_errors": 2, "tx_drop": {"no_route": 2}}}
+
+
+def test_parse_snmp6_and_reported_groups():
+    snmp6 = demo.parse_snmp6(SNMP6_A_SIT2)
+    assert snmp6["Ip6OutMcastPkts"] == 2 and snmp6["Icmp6OutMLDv2Reports"] == 2
+    # ff02::1 and ff01::1 carry MAF_NOREPORT (0x08): the kernel never reports them
+    assert demo.reported_groups(IGMP6_A, "sit2") == ["ff02::2"]
+    assert demo.reported_groups(IGMP6_A, "eth0") == ["ff02::1:ff00:0"]
+    assert demo.reported_groups(IGMP6_A, "sit9") == []
+    assert demo.reported_groups("garbage\n4 sit2 zz 1 04 0\n", "sit2") == []
+
+
+def test_explain_noroute_of_mld_reports():
+    line = demo.explain_noroute(SIT2, demo.parse_snmp6(SNMP6_A_SIT2),
+                                demo.reported_groups(IGMP6_A, "sit2"))
+    assert line == ("NoRoute 2 on sit2: IPv6 multicast the kernel sent into sit2, 2 MLDv2"
+                    " reports to ff02::16 (for group ff02::2): a tunnel without remote has no"
+                    " IPv4 destination for it")
+
+
+def test_explain_noroute_of_solicitations_other_multicast_and_the_rest():
+    t = dict(SIT2, ifname="isatap0", stats={"tx_carrier_errors": 5})
+    snmp6 = {"Ip6OutMcastPkts": 4, "Icmp6OutMLDv2Reports": 1, "Icmp6OutRouterSolicits": 2}
+    assert demo.explain_noroute(t, snmp6, ["ff02::2", "ff05::2"]) == (
+        "NoRoute 5 on isatap0: IPv6 multicast the kernel sent into isatap0, 1 MLDv2 report to"
+        " ff02::16 (for groups ff02::2, ff05::2); 2 router solicitations to ff02::2; 1 other"
+        " multicast packet: a tunnel without remote has no IPv4 destination for it; the other 1"
+        " had no IPv4 destination or no route to it")
+
+
+def test_explain_noroute_without_multicast_or_with_a_remote():
+    assert demo.explain_noroute(dict(SIT2, stats={"tx_carrier_errors": 0}), {}, []) is None
+    assert demo.explain_noroute(dict(SIT2, stats={}), {}, []) is None
+    assert demo.explain_noroute(SIT2, {"Ip6OutMcastPkts": 0}, []) == (
+        "NoRoute 2 on sit2: packets with no IPv4 destination (their next hop is no ::a.b.c.d,"
+        " ISATAP or 6rd address) or no route to it")
+    # a point-to-point tunnel carries multicast to its remote: NoRoute is the underlay's
+    p2p = dict(SIT2, ifname="sit1", remote="172.16.165.244")
+    assert demo.explain_noroute(p2p, demo.parse_snmp6(SNMP6_A_SIT2), ["ff02::2"]) == (
+        "NoRoute 2 on sit1: no route to 172.16.165.244 when they were sent")
+
+
+def test_noroute_lines_reads_the_hosts_files(monkeypatch):
+    import json
+    from tunl.lab import netns
+    ran = []
+
+    def sh(ns, command, timeout=None):
+        ran.append((ns, command))
+        tunnels = [dict(SIT2, ifname="sit1", remote="172.16.165.244",
+                        stats={"tx_carrier_errors": 0}), SIT2]
+        return netns.Result(("sh",), 0, json.dumps(tunnels), "")
+
+    def run(argv, timeout=None, env=None):
+        ran.append(tuple(argv))
+        text = {"/proc/net/dev_snmp6/sit2": SNMP6_A_SIT2, "/proc/net/igmp6": IGMP6_A}[argv[-1]]
+        return netns.Result(tuple(argv), 0, text, "")
+
+    monkeypatch.setattr(netns, "sh", sh)
+    monkeypatch.setattr(netns, "run", run)
+    assert demo.noroute_lines("tl-sit-A") == [demo.explain_noroute(
+        SIT2, demo.parse_snmp6(SNMP6_A_SIT2), ["ff02::2"])]
+    assert ran[0] == ("tl-sit-A", "tunl -j -s tunnel show")
+    assert ran[1] == ("ip", "netns", "exec", "tl-sit-A", "cat", "/proc/net/dev_snmp6/sit2")
+
+
+def test_host_count_wording():
+    assert demo._n(1, "host") == "1 host" and demo._n(3, "host") == "3 hosts"
+    assert demo._n(2, "MLDv2 report to ff02::16", "MLDv2 reports to ff02::16") == \
+        "2 MLDv2 reports to ff02::16"

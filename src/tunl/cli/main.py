@@ -1,7 +1,7 @@
 """tunl [ OPTIONS ] OBJECT { COMMAND | help }
 
 OBJECT := { tunnel | lab | daemon | doctor }
-OPTIONS := { -s[tatistics] | -d[etails] | -j[son] | -p[retty] | -V[ersion] |
+OPTIONS := { -s[tatistics] | -d[etails] | -j[son] [ -p[retty] ] | -V[ersion] | -h[elp] |
              --dataplane { auto | kernel | ebpf | userspace } }
 """
 from __future__ import annotations
@@ -19,8 +19,24 @@ DATAPLANES = planes.NAMES
 
 
 def _need_root(what: str) -> None:
-    if os.geteuid() != 0:
-        raise TunlError(f"{what}: needs root (tunld owns the namespace's tunnels)")
+    """Refuse `what` to a user other than root, unless it only reads: `tunnel show` (with -s,
+    -d, -j) and `daemon status` work for any user, as `ip tunnel show` does (the kernel's
+    tunnels over netlink, tunld's over its socket, which answers reads to every user). tunld
+    is never started for them: a user whose `tunnel show` misses tunld's tunnels because
+    none runs is told so, on stderr."""
+    if os.geteuid() == 0:
+        return
+    if what == "daemon status":
+        return
+    if what == "tunnel show":
+        from ..daemon import client
+        from ..planes.tunld import tunld_devices
+        if tunld_devices() and not client.running():
+            print(f"tunl: {client.ONLY_ROOT_STARTS}; its eBPF and userspace tunnels are not "
+                  "shown", file=sys.stderr)
+        return
+    raise TunlError(f"{what}: needs root (only root changes tunnels and runs tunld; "
+                    "tunnel show and daemon status do not need it)")
 
 
 def _call(op: str, **args):
@@ -29,34 +45,41 @@ def _call(op: str, **args):
 
 
 def do_tunnel(argv: list[str], opts: dict) -> int:
+    """`tunl tunnel VERB WORDS`, the verb taken as do_iptunnel() takes it (a prefix: the
+    first of add, change, del, show, list, lst, prl, 6rd, help; then tunl's capture)."""
     if not argv:
         argv = ["show"]
-    verb, words = argv[0], argv[1:]
-    if grammar.matches(verb, "help"):
-        sys.stdout.write("Usage: tunl tunnel { add | change | del | show | prl | 6rd | capture } "
-                         "[ NAME ]\n"
-                         + grammar.USAGE.split("\n", 1)[1])
+    verb, words = grammar.tunnel_verb(argv[0]), argv[1:]
+    try:
+        return _tunnel_verb(verb, argv[0], words, opts)
+    except grammar.UsageWanted:
+        sys.stdout.write(tunnel_usage())
         return 0
-    if grammar.matches(verb, "add"):
+
+
+def tunnel_usage() -> str:
+    return "Usage:\n" + grammar.USAGE
+
+
+def _tunnel_verb(verb: str | None, word: str, words: list[str], opts: dict) -> int:
+    if verb == "add":
         spec = grammar.spec_for_add(words)
         _need_root("tunnel add")
         planes.for_new(spec.mode, opts["dataplane"]).add(spec)
         return 0
-    if grammar.matches(verb, "change"):
+    if verb == "change":
         name = grammar.name_only(words, "change")
         _need_root("tunnel change")
         plane, current = planes.find(name, "change")
         plane.change(grammar.spec_for_change(words, current))
         return 0
-    if grammar.matches(verb, "delete"):
+    if verb == "del":
         name = grammar.name_only(words, "del")
         _need_root("tunnel del")
         planes.find(name, "delete")[0].delete(name)
         return 0
-    if grammar.matches(verb, "show") or grammar.matches(verb, "lst") or grammar.matches(verb, "list"):
-        return show_tunnels(grammar.parse_words(words), opts)
-    if grammar.matches(verb, "capture"):
-        return capture(words)
+    if verb == "show":
+        return show_tunnels(grammar.parse_show(words), opts)
     if verb == "prl":
         dev, action, addr, default = grammar.parse_prl(words)
         _need_root("tunnel prl")
@@ -67,7 +90,11 @@ def do_tunnel(argv: list[str], opts: dict) -> int:
         _need_root("tunnel 6rd")
         planes.find(dev, "6rd")[0].sixrd(dev, prefix, relay)
         return 0
-    raise ConfigError(f'"{verb}": unknown command; try "tunl tunnel help"')
+    if verb == "help":
+        raise grammar.UsageWanted(word)
+    if verb == "capture":
+        return capture(words)
+    raise ConfigError(f'"{word}": unknown command; try "tunl tunnel help"')
 
 
 def capture(words: list[str]) -> int:
@@ -96,12 +123,12 @@ def capture(words: list[str]) -> int:
 
 
 def show_tunnels(f: dict, opts: dict) -> int:
-    """Kernel tunnel devices (tunl's and any other, like `ip tunnel show`), then tunld's."""
+    """Kernel tunnel devices (tunl's and any other, like `ip tunnel show`), then tunld's;
+    those the words select (show.selected())."""
     _need_root("tunnel show")
-    found = planes.show(f.get("name"))
-    found = [t for t in found if all(
-        str(t["spec"][k_]) == str(v) for k_, v in f.items() if k_ in ("remote", "local"))
-        and ("mode" not in f or f["mode"].value == t["spec"]["mode"])]
+    if f.get("dev"):
+        _need_device(f["dev"])
+    found = [t for t in planes.show(f.get("name")) if show.selected(t["spec"], f)]
     out = sys.stdout
     if opts["json"]:
         json.dump([show.to_json(t) for t in found], out, indent=2 if opts["pretty"] else None)
@@ -116,17 +143,36 @@ def show_tunnels(f: dict, opts: dict) -> int:
     return 0
 
 
+def _need_device(dev: str) -> None:
+    """parse_args(): a `dev` that is no device here is an error (nodev()), not a filter that
+    selects nothing."""
+    import socket
+    try:
+        socket.if_nametoindex(dev)
+    except OSError:
+        raise NotFoundError(f'dev "{dev}": Cannot find device "{dev}"') from None
+
+
 def do_daemon(argv: list[str], opts: dict) -> int:
+    """tunl daemon { status | start | stop }: status for any user (it starts tunld only for
+    root); start and stop for root."""
     verb = argv[0] if argv else "status"
-    _need_root("daemon")
     if grammar.matches(verb, "status") or grammar.matches(verb, "start"):
-        st = _call("status")
+        _need_root("daemon status" if grammar.matches(verb, "status") else "daemon start")
+        st = _call("status")        # starts tunld if it is not running (root only)
         if opts["json"]:
             print(json.dumps(st))
         else:
             print(f"tunld {st['pid']}: {len(st['tunnels'])} tunnel(s) {' '.join(st['tunnels'])}")
+            log = st.get("log")
+            if log == "stderr":
+                print("log: stderr (under systemd the journal: journalctl -u tunld, or "
+                      "tunld@NAME for a named network namespace)")
+            elif log:
+                print(f"log: {log}")
         return 0
     if grammar.matches(verb, "stop"):
+        _need_root("daemon stop")
         from ..daemon import client
         try:
             st = client.call("shutdown", autostart=False)
@@ -143,11 +189,20 @@ def do_daemon(argv: list[str], opts: dict) -> int:
 
 def usage() -> str:
     return ("Usage: " + __doc__.strip() + "\n\n"
-            "  tunl tunnel { add | change | del | show } [ NAME ] ...   like `ip tunnel`\n"
+            "  tunl tunnel { add | change | del | show | prl | 6rd } [ NAME ] ...   like "
+            "`ip tunnel`\n"
             "  tunl tunnel capture NAME [ TCPDUMP-OPTIONS ]   tcpdump on a tunnel, both ways\n"
-            "  tunl lab { up FILE | down FILE | exec NODE -- CMD | demo FILE }\n"
-            "  tunl daemon { status | stop }\n"
-            "  tunl doctor        which data plane this host gets, and what breaks tunnels here\n")
+            "  tunl tunnel help   every word of tunl tunnel\n"
+            "  tunl lab { up FILE | down FILE | exec NODE -- CMD | demo FILE | list }\n"
+            "  tunl daemon { status | start | stop }\n"
+            "  tunl doctor [ --json ]   which data plane this host gets, and what breaks "
+            "tunnels here\n"
+            "\n"
+            "  -s   tunnel show adds the counters of `ip -s tunnel show`, and drops by reason\n"
+            "  -d   tunnel show adds the data plane of each tunnel (and its fast and slow path)\n"
+            "  -j   JSON output; -p pretty-prints it\n"
+            "  -V   the version of tunl\n"
+            "  --dataplane   the plane of a new tunnel (default auto, or $TUNL_DATAPLANE)\n")
 
 
 def run(argv: list[str]) -> int:

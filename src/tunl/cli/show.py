@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..model import TunnelMode, TunnelSpec
+from .grammar import dsfield_n2a
 
 
 def tunnel_line(spec: TunnelSpec) -> str:
@@ -13,12 +14,7 @@ def tunnel_line(spec: TunnelSpec) -> str:
         parts.append(f"dev {spec.dev}")
     parts.append(f"ttl {spec.ttl}" if spec.ttl else "ttl inherit")
     if spec.tos:
-        tos = "tos"
-        if spec.tos & 1:
-            tos += " inherit"
-        if spec.tos & ~1:
-            tos += ("/" if spec.tos & 1 else " ") + f"0x{spec.tos & ~1:x}"
-        parts.append(tos)
+        parts.append(f"tos {tos_word(spec.tos)}")
     if not spec.pmtudisc:
         parts.append("nopmtudisc")
     if spec.mode in (TunnelMode.SIT, TunnelMode.ISATAP):
@@ -43,6 +39,32 @@ def tunnel_line(spec: TunnelSpec) -> str:
         if getattr(spec, flag):
             line += "\n  " + text
     return line
+
+
+def tos_word(tos: int) -> str:
+    """The TOS of print_tunnel(): inherit (1), inherit/T (bit 0 and a DS field) or T, where
+    T is the rt_dsfield name of the DS field or 0x%02x (rtnl_dsfield_n2a())."""
+    if tos == 1:
+        return "inherit"
+    if tos & 1:
+        return "inherit/" + dsfield_n2a(tos & ~1)
+    return dsfield_n2a(tos)
+
+
+def selected(spec: dict, f: dict) -> bool:
+    """Whether `tunl tunnel show WORDS` lists the tunnel of spec (a TunnelSpec.to_dict()),
+    f being what grammar.parse_show() made of the words. ip_tunnel_parm_match() compares
+    dev (the link), name, remote, local and ikey (`key N` sets ikey and okey, `okey N` alone
+    filters nothing), each only where the words give it: any, 0 or left out is any. tunl
+    also compares the mode (iproute2 6.1, given a mode, shows that mode's fallback device)."""
+    def given(addr):
+        return addr is not None and int(addr) != 0
+    return ((not f.get("dev") or f["dev"] == spec["dev"]) and
+            (not f.get("name") or f["name"] == spec["name"]) and
+            (not given(f.get("remote")) or str(f["remote"]) == spec["remote"]) and
+            (not given(f.get("local")) or str(f["local"]) == spec["local"]) and
+            (not f.get("ikey") or f["ikey"] == spec["ikey"]) and
+            ("mode" not in f or f["mode"].value == spec["mode"]))
 
 
 def stats_lines(c: dict) -> str:
@@ -79,7 +101,12 @@ def to_json(status: dict) -> dict:
     s = status["spec"]
     out = {"ifname": s["name"], "mode": s["mode"], "remote": s["remote"] or "any",
            "local": s["local"] or "any", "dev": s["dev"],
-           "ttl": s["ttl"] or "inherit", "tos": s["tos"], "pmtudisc": s["pmtudisc"]}
+           "ttl": s["ttl"] or "inherit"}
+    # print_tunnel()'s JSON: "tos" is rtnl_dsfield_n2a() of the whole byte ("EF", "0xb9"),
+    # none for 0; for inherit alone iproute2 writes none either, tunl writes "inherit"
+    if s["tos"]:
+        out["tos"] = "inherit" if s["tos"] == 1 else dsfield_n2a(s["tos"])
+    out["pmtudisc"] = s["pmtudisc"]
     for k in ("ikey", "okey", "iseq", "oseq", "icsum", "ocsum"):
         if s[k]:
             out[k] = s[k]

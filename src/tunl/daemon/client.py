@@ -12,14 +12,13 @@ import time
 
 from ..errors import BY_NAME, ConfigError, DaemonError, NoDaemonError, TunlError
 from . import CONTROL_ADDRESS
+from .logs import log_path
 
 START_TIMEOUT = 10.0
 DEFAULT_TIMEOUT = 5.0     # s a call waits for tunld; TUNL_TIMEOUT overrides it
-
-
-def log_path() -> str:
-    ino = os.stat("/proc/self/ns/net").st_ino
-    return f"/run/tunl/tunld.net-{ino}.log"
+NOT_RUNNING = "tunld is not running in this network namespace"
+ONLY_ROOT_STARTS = (NOT_RUNNING + ", and only root can start it (any tunl command run as "
+                    "root does, or: sudo tunl daemon start)")
 
 
 def timeout() -> float:
@@ -78,15 +77,33 @@ def wait_gone(wait: float = START_TIMEOUT) -> bool:
     return False
 
 
+def running() -> bool:
+    """Whether a tunld listens in this network namespace (one that is stuck counts)."""
+    try:
+        s = _connect(0.2)
+    except DaemonError:
+        return True
+    if s is None:
+        return False
+    s.close()
+    return True
+
+
 def start_daemon() -> None:
     """Start tunld (its supervisor, which starts the data plane) in this namespace, detached,
-    and wait until its control socket is there."""
+    and wait until its control socket is there. Root only: tunld is root's."""
+    if os.geteuid() != 0:
+        raise NoDaemonError(ONLY_ROOT_STARTS)
     path = log_path()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "ab") as log:
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    # what tunld says before its logging is set up (an import that fails) lands in its log
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
         proc = subprocess.Popen([sys.executable, "-m", "tunl.daemon.supervisor"],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=fd,
                                 start_new_session=True, close_fds=True)
+    finally:
+        os.close(fd)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         s = _connect()
@@ -116,8 +133,8 @@ def call(op: str, autostart: bool = True, **args) -> object:
     s = _connect(wait)
     if s is None:
         if not autostart:
-            raise NoDaemonError("tunld is not running in this network namespace")
-        start_daemon()                      # waits START_TIMEOUT on its own
+            raise NoDaemonError(NOT_RUNNING)
+        start_daemon()          # waits START_TIMEOUT on its own; NoDaemonError if not root
         deadline = time.monotonic() + wait
         s = _connect(wait)
         if s is None:

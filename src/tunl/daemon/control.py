@@ -13,6 +13,14 @@ taken within `deadline` seconds of being ready. Whatever the client sends, it ge
 answer that says what was wrong with it; only a bug in `handle` answers "internal error", and
 its traceback goes to the daemon's log.
 
+Who may ask what: a peer whose uid `allow` takes (root) may ask any op. Any other peer is
+refused before a byte is read, unless the server has `open_ops` (the ops that only read,
+which tunld answers to every user of its namespace, as iproute2 lets anyone read tunnels,
+links and counters): then its request is read, under the same size and time limits, and
+anything but an open op gets a one-line refusal naming the op. Such peers hold at most
+`max_open` of the `max_clients` slots together, so that however many connections users
+open, root's requests always find a slot.
+
 The server calls `handle(request, uid)` in its own thread, one request at a time: the daemon's
 operations are short and take the daemon's lock anyway. What it must not do is wait on a client.
 """
@@ -37,6 +45,12 @@ _ACCEPT_PAUSE = 0.1                   # s without accepting after EMFILE/ENFILE/
 
 INTERNAL_ERROR = "tunld: internal error (see its log)"
 ROOT_ONLY = "tunld answers root only (Operation not permitted)"
+
+
+def needs_root(op: str, open_ops) -> TunlError:
+    """The refusal of an op a non-root peer may not ask."""
+    return TunlError(f"op {_quote(op)}: needs root (Operation not permitted); any user may "
+                     f"ask {', '.join(sorted(open_ops))}")
 
 Rules = dict[str, dict[str, tuple[type | tuple[type, ...], bool]]]
 
@@ -150,6 +164,16 @@ def parse_request(data: bytes) -> dict:
     return req
 
 
+def _about(req: dict) -> str:
+    """What a request is about, for a log line: the tunnel it names (never the whole
+    request)."""
+    name = req.get("name")
+    spec = req.get("spec")
+    if name is None and isinstance(spec, dict):
+        name = spec.get("name")
+    return f" {_quote(name, 32)}" if isinstance(name, str) else ""
+
+
 def _error(e: TunlError) -> dict:
     return {"ok": False, "error": type(e).__name__, "message": str(e)}
 
@@ -161,10 +185,13 @@ def _encode(reply: dict) -> bytes:
 # -- the server -------------------------------------------------------------------------------
 
 class _Conn:
-    __slots__ = ("sock", "pid", "uid", "since", "deadline", "inbuf", "out", "sent", "op")
+    __slots__ = ("sock", "pid", "uid", "allowed", "since", "deadline", "inbuf", "out", "sent",
+                 "op")
 
-    def __init__(self, sock: socket.socket, pid: int, uid: int, now: float, deadline: float):
+    def __init__(self, sock: socket.socket, pid: int, uid: int, allowed: bool, now: float,
+                 deadline: float):
         self.sock, self.pid, self.uid = sock, pid, uid
+        self.allowed = allowed              # may ask any op; else only the open ones
         self.since = now
         self.deadline = now + deadline      # of the request; then of the reply
         self.inbuf = bytearray()
@@ -184,11 +211,16 @@ class ControlServer:
 
     def __init__(self, listener: socket.socket, handle: Callable[[dict, int], Any], *,
                  allow: Callable[[int], bool] = lambda uid: uid == 0,
+                 open_ops: frozenset[str] = frozenset(), max_open: int | None = None,
                  max_request: int = 64 * 1024, deadline: float = 2.0, max_clients: int = 64,
                  clock: Callable[[], float] = time.monotonic):
         self.listener = listener
         self.handle = handle
         self.allow = allow
+        self.open_ops = frozenset(open_ops)
+        # the slots peers that `allow` does not take may hold together: half, by default
+        self.max_open = max_clients // 2 if max_open is None else min(max_open, max_clients)
+        self.open_conns = 0
         self.max_request = max_request
         self.deadline = deadline
         self.max_clients = max_clients
@@ -293,16 +325,24 @@ class ControlServer:
             return
         self.stats["accepted"] += 1
         # The uid first, before a single byte is read: a refused peer costs one small write.
-        if not self.allow(uid):
+        allowed = self.allow(uid)
+        if not allowed and not self.open_ops:
             self.stats["refused"] += 1
             log.debug("control socket: refused uid %d (pid %d)", uid, pid)
             self._say_and_close(sock, _error(TunlError(ROOT_ONLY)))
             return
+        if not allowed and self.open_conns >= self.max_open:
+            self.stats["busy"] += 1
+            log.warning("control socket: %d requests of other users than root open; refused "
+                        "pid %d (uid %d)", self.open_conns, pid, uid)
+            self._say_and_close(sock, _error(TunlError(
+                f"tunld is busy: {self.open_conns} requests of users open; try again")))
+            return
         # At max_clients, the newcomer is refused, not the oldest evicted: the oldest is a
         # request in progress, and evicting it would let a burst of connections cancel every
         # request in flight. A refused newcomer gets an immediate answer it can retry, and
-        # every slot frees within 2 deadlines (request, then reply). Only allowed uids get
-        # this far, so only they can fill the table.
+        # every slot frees within 2 deadlines (request, then reply). Peers `allow` does not
+        # take hold at most max_open slots (above), so only allowed uids can fill the table.
         if len(self.conns) >= self.max_clients:
             self.stats["busy"] += 1
             log.warning("control socket: %d requests open; refused pid %d",
@@ -310,8 +350,10 @@ class ControlServer:
             self._say_and_close(sock, _error(TunlError(
                 f"tunld is busy: {len(self.conns)} requests open; try again")))
             return
-        conn = _Conn(sock, pid, uid, self.clock(), self.deadline)
+        conn = _Conn(sock, pid, uid, allowed, self.clock(), self.deadline)
         self.conns[sock.fileno()] = conn
+        if not allowed:
+            self.open_conns += 1
         self.sel.register(sock, selectors.EVENT_READ, conn)
 
     @staticmethod
@@ -365,16 +407,29 @@ class ControlServer:
             self._fail(conn, e, "bad_requests")
             return
         conn.op = req["op"]
+        if not conn.allowed and conn.op not in self.open_ops:
+            self.stats["refused"] += 1
+            log.debug("control socket: pid %d (uid %d): op %s refused: not root", conn.pid,
+                      conn.uid, _quote(conn.op))
+            self._reply(conn, _encode(_error(needs_root(conn.op, self.open_ops))))
+            return
+        t0 = self.clock()
+        outcome = "ok"
         try:
             reply = _encode({"ok": True, "result": self.handle(req, conn.uid)})
             self.stats["served"] += 1
         except TunlError as e:
             reply = _encode(_error(e))
             self.stats["errors"] += 1
+            outcome = f"{type(e).__name__}: {e}"
         except Exception:     # a bug, in handle() or a result json cannot encode: keep serving
             log.exception("control socket: op %s from pid %d failed", _quote(conn.op), conn.pid)
             reply = _encode({"ok": False, "error": "TunlError", "message": INTERNAL_ERROR})
             self.stats["internal_errors"] += 1
+            outcome = "internal error"
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request from pid %d (uid %d): %s%s: %s (%.1f ms)", conn.pid, conn.uid,
+                      _quote(conn.op), _about(req), outcome, (self.clock() - t0) * 1000)
         self._reply(conn, reply)
 
     def _fail(self, conn: _Conn, e: TunlError, stat: str) -> None:
@@ -425,7 +480,8 @@ class ControlServer:
         fd = conn.sock.fileno()
         if fd < 0:
             return
-        self.conns.pop(fd, None)
+        if self.conns.pop(fd, None) is not None and not conn.allowed:
+            self.open_conns -= 1
         try:
             self.sel.unregister(conn.sock)
         except (KeyError, ValueError):

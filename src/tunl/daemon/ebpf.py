@@ -140,6 +140,10 @@ class EbpfTunnels:
         self.programs.put_tunnel(tnl, rxk)
         self.tunnels[ifindex] = (spec, link)
         self.programs.attach_egress(ifindex)
+        if old is None:
+            log.debug("%s: eBPF egress program attached (ifindex %d)", spec.name, ifindex)
+        else:
+            log.debug("%s: its eBPF map entries rewritten", spec.name)
         self.attach_underlay()
 
     def capture(self, ifindex: int, pid: int | None) -> None:
@@ -170,6 +174,7 @@ class EbpfTunnels:
                 try:
                     self.programs.attach_ingress(index)
                     self.ingress.add(index)
+                    log.debug("eBPF ingress program attached to ifindex %d", index)
                 except OSError as e:
                     log.warning("cannot attach the ingress program to ifindex %d: %s", index, e)
 
@@ -189,6 +194,7 @@ class EbpfTunnels:
             self.programs.detach_ingress(index)
         self.ingress.clear()
         self.programs.close()
+        log.debug("no eBPF tunnel left: the programs are detached and unloaded")
 
     # -- routes and paths -----------------------------------------------------------------------
 

@@ -38,12 +38,16 @@ def spawn(module: str, args: list[str], listener: socket.socket) -> tuple[subpro
     """Start the other process of the pair (`python -m module args`), handing it the listening
     control socket and one end of a new socketpair; returns it and our end."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    # A session of its own for the child, so that Ctrl-C (SIGINT) and a closed terminal
+    # (SIGHUP) on a tunld run by hand reach the supervisor alone, which stops the data plane
+    # in order. A data plane they reached too would die of them: with a traceback in the log
+    # if it was still importing, or counted as a crash and started again.
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", module, *args, "--listen-fd", str(listener.fileno()),
              "--partner-fd", str(theirs.fileno())],
             pass_fds=(listener.fileno(), theirs.fileno()), stdin=subprocess.DEVNULL,
-            close_fds=True)
+            close_fds=True, start_new_session=True)
     finally:
         theirs.close()
     return proc, ours

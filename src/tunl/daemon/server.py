@@ -29,8 +29,8 @@ from ..kernel import Kernel, rtnl
 from ..kernel.netlink import disable_ipv6, no_link_local
 from ..tunnel import modes
 from ..model import TunnelMode, TunnelSpec, spec_from_alias, spec_to_alias
-from .client import log_path
-from .control import ControlServer, check_request
+from . import logs
+from .control import ControlServer, check_request, needs_root
 from .ebpf import EbpfTunnels, slow_reasons
 from .mirror import Changes, Mirror
 from .process import STOP, name_process, recv_partner, spawn
@@ -63,6 +63,9 @@ OPS = {
     "status": {},
     "shutdown": {},
 }
+# what any user of the namespace may ask (`tunl tunnel show`, `-s`, `-j`, `tunl daemon
+# status`), as iproute2 lets anyone read tunnels, links and counters; the rest is root's
+READ_ONLY = frozenset({"show", "status", "routes"})
 
 
 class Tunld:
@@ -88,7 +91,8 @@ class Tunld:
         self.overflows = 0
         self.supervisor_pid = 0
         self.stop_requested = False
-        self.log_path = log_path()
+        self.log_path = logs.log_path()     # or logs.STDERR: main() says which
+        self._path_mtu: dict[tuple, int] = {}   # (dst, src, dev) -> MTU last looked up
 
     def _rtnl(self) -> rtnl.Rtnl:
         r = getattr(self._per_thread, "rtnl", None)
@@ -105,6 +109,15 @@ class Tunld:
         if isinstance(got, int):
             return None
         mtu = got.mtu or self.mirror.mtu(got.oif) or UNDERLAY_MTU
+        key = (dst, src, dev)
+        was = self._path_mtu.get(key)
+        if was != mtu:               # lookups are cached per destination: this is no flood
+            if len(self._path_mtu) >= 4096:
+                self._path_mtu.clear()
+            self._path_mtu[key] = mtu
+            log.debug("path to %s%s: MTU %d%s (route out of ifindex %d)", dst,
+                      f" from {src}" if src else "", mtu,
+                      f", was {was}" if was is not None else "", got.oif)
         return got.oif, got.gateway.packed if got.gateway else None, mtu
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -170,6 +183,8 @@ class Tunld:
             except TunlError as e:
                 log.error("%s: cannot put its alias back: %s", name, e)
         log.info("took back %s", name)
+        log.debug("%s: %s, ifindex %d, mtu %d, %s data plane", name, describe(spec), ifindex,
+                  link.mtu, self.planes.get(name, "userspace"))
         return True
 
     def _retry_take_back(self) -> None:
@@ -253,6 +268,9 @@ class Tunld:
             link = self.mirror.links.get(index)
             if t is None or link is None:
                 continue
+            if link.mtu != t.mtu or link.up != t.up:
+                log.debug("%s: device %s, mtu %d%s", t.spec.name, "up" if link.up else "down",
+                          link.mtu, f" (was {t.mtu})" if link.mtu != t.mtu else "")
             self.engine.set_state(
                 t.spec.name,
                 self.mirror.tunnel_routes(index) if index in ch.routes else None,
@@ -280,6 +298,7 @@ class Tunld:
         refresh (the maps are the kernel's; no lock of tunld's is needed)."""
         programs = self.ebpf.programs
         if programs.obj is not None:
+            log.debug("eBPF maps: path MTU to %s lowered to %d", socket.inet_ntoa(peer), mtu)
             try:
                 programs.lower_mtu(peer, mtu)
             except OSError as e:
@@ -424,6 +443,8 @@ class Tunld:
 
     def handle(self, req: dict, uid: int) -> object:
         op, args = check_request(req, OPS)
+        if uid != 0 and op not in READ_ONLY:     # the control server refused it already
+            raise needs_root(op, READ_ONLY)
         with self.lock:
             return getattr(self, "op_" + op)(**args)
 
@@ -475,12 +496,7 @@ class Tunld:
         plane = self._check_dataplane(s, dataplane)
         if s.name in self.engine.tunnels or self.kernel.link(s.name) is not None:
             raise ExistsError(f'add tunnel "{s.name}" failed: File exists')
-        for other in self.engine.tunnels.values():
-            o = other.spec
-            if (o.mode.proto, o.local, o.remote, o.ikey) == (s.mode.proto, s.local, s.remote, s.ikey):
-                # ip_tunnel_add() finds a tunnel with the same parameters
-                raise ExistsError(f'add tunnel "{s.name}" failed: {o.name} has the same '
-                                  'protocol, local and remote addresses and key')
+        self._refuse_twin(s, "add")
         mtu = self._mtu_for(s)
         fd = tun.create(s.name)
         try:
@@ -515,7 +531,22 @@ class Tunld:
             tun.destroy(self.engine.remove(s.name))
             raise
         self._watch_tunnel(t)
+        log.info("added %s: %s, %s data plane", s.name, describe(s), self.planes[s.name])
+        log.debug("%s: ifindex %d, mtu %d", s.name, t.ifindex, link.mtu)
         return self._status(s.name)
+
+    def _refuse_twin(self, s: TunnelSpec, verb: str, changed=None) -> None:
+        """ip_tunnel_add() and ip_tunnel_changelink() (the kernel's EEXIST): no two tunnels
+        with the same protocol, local and remote addresses and key. `changed`: the tunnel
+        being changed, which is not its own twin."""
+        for other in self.engine.tunnels.values():
+            o = other.spec
+            if other is changed:
+                continue
+            if (o.mode.proto, o.local, o.remote, o.ikey) == (s.mode.proto, s.local, s.remote,
+                                                             s.ikey):
+                raise ExistsError(f'{verb} tunnel "{s.name}" failed: {o.name} has the same '
+                                  'protocol, local and remote addresses and key')
 
     def _ours(self, name: str, verb: str):
         t = self.engine.tunnels.get(name)
@@ -530,7 +561,7 @@ class Tunld:
         s = _spec(spec)
         t = self._ours(s.name, "change")
         if s.mode is not t.spec.mode:
-            raise ConfigError(f"mode {s.mode.value}: {s.name} is a {t.spec.mode.value} tunnel; "
+            raise ConfigError(f"mode {s.mode.value}: {s.name} is {t.spec.mode.a_tunnel}; "
                               "change cannot switch modes (delete and add it)")
         if dataplane != "auto" and self._check_dataplane(s, dataplane) != self.planes.get(
                 s.name, "userspace"):
@@ -538,6 +569,7 @@ class Tunld:
                               f"{self.planes.get(s.name, 'userspace')} data plane; change "
                               "cannot move a tunnel (delete and add it)")
         modes.module_for(s.mode)
+        self._refuse_twin(s, "change", changed=t)
         if modes.codec_for(s).overhead != t.codec.overhead or s.dev != t.spec.dev:
             self.kernel.set_link(s.name, mtu=self._mtu_for(s))    # like ipgre_link_update()
         return self._respec(t, s)
@@ -557,6 +589,7 @@ class Tunld:
         if t.ifindex in self.ebpf.tunnels:
             self.ebpf.put(new, t.ifindex, self._link_index(new))
             self._ebpf_sync()
+        log.info("changed %s: %s", new.name, describe(new))
         return self._status(new.name)
 
     def op_prl(self, name: str, action: str, addr: str, default: bool) -> dict:
@@ -568,7 +601,7 @@ class Tunld:
         """SIOCADD6RD / SIOCDEL6RD (ipip6_tunnel_update_6rd()); no prefix: 6rd-reset."""
         t = self._ours(name, "6rd")
         if t.spec.mode not in (TunnelMode.SIT, TunnelMode.ISATAP):
-            raise ConfigError(f"6rd on {name}: {name} is a {t.spec.mode.value} tunnel; 6rd is "
+            raise ConfigError(f"6rd on {name}: {name} is {t.spec.mode.a_tunnel}; 6rd is "
                               "for sit tunnels")
         try:
             new = t.spec.with_(ip6rd_prefix=IPv6Network(prefix) if prefix else None,
@@ -583,6 +616,7 @@ class Tunld:
         self.ebpf.remove(t.ifindex)
         tun.destroy(self.engine.remove(name))
         self._forget(name)
+        log.info("deleted %s", name)
         return {"deleted": name}
 
     def _status(self, name: str) -> dict:
@@ -625,9 +659,26 @@ class Tunld:
 
     def op_shutdown(self) -> dict:
         """An orderly stop of the whole daemon: the supervisor is told not to restart it."""
+        log.info("asked to stop")
         self.running = False
         self.stop_requested = True
         return {"pid": os.getpid(), "supervisor": self.supervisor_pid}
+
+
+def describe(spec: TunnelSpec) -> str:
+    """A spec in the words of `ip tunnel` (for log lines): the settings that are not the
+    defaults."""
+    words = [spec.mode.value]
+    for k, v in spec.to_compact().items():
+        if k in ("name", "mode"):
+            continue
+        if k == "prl":
+            words += [f"prl-{'default' if d else 'nodefault'} {a}" for a, d in spec.prl]
+        elif isinstance(v, bool):
+            words.append(k if v else f"no{k}")
+        else:
+            words.append(f"{k} {v}")
+    return " ".join(words)
 
 
 def _spec(d: dict) -> TunnelSpec:
@@ -661,8 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.listen_fd is None or args.partner_fd is None:
         from . import supervisor
         return supervisor.main(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s tunld[%(process)d] %(levelname)s %(message)s")
+    where = logs.setup(args.verbose, args.service)
     name_process("data plane")
     sys.setswitchinterval(0.0005)   # hand the GIL over quickly between ingress and egress
     _raise_fd_limit()
@@ -675,10 +725,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tunld: {e}", file=sys.stderr)
         return 1
     d.supervisor_pid = args.supervisor_pid
+    d.log_path = where
     signal.signal(signal.SIGTERM, lambda *_: setattr(d, "running", False))
     signal.signal(signal.SIGINT, lambda *_: setattr(d, "running", False))
     d.start()
-    control = ControlServer(listener, d.handle)
+    control = ControlServer(listener, d.handle, open_ops=READ_ONLY)
     supervisors = []          # supervisors this process started (to reap them)
     try:
         while d.running:

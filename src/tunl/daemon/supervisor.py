@@ -23,7 +23,7 @@ import socket
 import sys
 import time
 
-from . import CONTROL_ADDRESS
+from . import CONTROL_ADDRESS, logs
 from .process import STOP, name_process, netns_abandoned, recv_partner, spawn
 from .state import state_dir
 
@@ -188,17 +188,25 @@ def take_over(sup: Supervisor) -> socket.socket | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="tunld", description="tunl's daemon for this network "
-                                 "namespace: a supervisor and the data plane it restarts")
-    ap.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    ap = argparse.ArgumentParser(
+        prog="tunld", description="tunl's daemon for this network namespace: a supervisor "
+        "and the data plane it restarts",
+        epilog=f"Its log is {logs.log_path('/run/tunl/netns-<cookie>')} (root only; at most "
+        f"{logs.MAX_BYTES >> 20} MiB, then rotated, {logs.BACKUPS} older files kept; `tunl "
+        "daemon status` prints the path), or stderr with --service.")
+    ap.add_argument("-v", "--verbose", action="store_true",
+                    help="log debug lines too: requests, tunnels added and taken back, path "
+                    "MTUs, eBPF programs attached")
     ap.add_argument("--service", action="store_true",
-                    help="run under a service manager that restarts tunld (systemd)")
+                    help="run under a service manager that restarts tunld (systemd); log to "
+                    "stderr (the journal)")
     ap.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--partner-fd", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--adopt", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s tunld[%(process)d] %(levelname)s %(message)s")
+    where = logs.setup(args.verbose, args.service)
+    if where != logs.STDERR and os.isatty(2) and args.listen_fd is None:
+        print(f"tunld: logging to {where}", file=sys.stderr)    # started by hand
     name_process("supervisor")
     worker_args = (["-v"] if args.verbose else []) + (["--service"] if args.service else [])
     sup = Supervisor(None, worker_args)

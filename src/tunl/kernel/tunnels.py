@@ -8,6 +8,7 @@ netlink attribute: it goes through the SIOCADDPRL/SIOCDELPRL ioctls, as iproute2
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import socket
@@ -16,7 +17,8 @@ import struct
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ..errors import ConfigError, ExistsError, ForeignDeviceError, LinkError, NotFoundError
+from ..errors import (ConfigError, ExistsError, ForeignDeviceError, LinkError, NotFoundError,
+                      TunlError)
 from ..wire.gre import CSUM as GRE_CSUM, KEY as GRE_KEY, SEQ as GRE_SEQ
 from ..model import TunnelMode, TunnelSpec, spec_from_alias, spec_to_alias
 
@@ -27,6 +29,7 @@ KINDS = frozenset(KIND.values())
 SIT_ISATAP = 0x0001
 SIOCGETPRL, SIOCADDPRL, SIOCDELPRL = 0x89F4, 0x89F5, 0x89F6
 PRL_DEFAULT = 0x0001
+EXISTS = "File exists (a tunnel with these addresses and key exists)"
 
 
 def module_state(mode: TunnelMode, root: str = "/") -> str:
@@ -177,8 +180,7 @@ class KernelTunnels:
         try:
             self._ipr.link("add", ifname=spec.name, kind=KIND[spec.mode], **kw)
         except NetlinkError as e:
-            detail = "File exists (a tunnel with these addresses and key exists)" \
-                if e.code == 17 else ""
+            detail = EXISTS if e.code == errno.EEXIST else ""
             raise LinkError("add tunnel", spec.name, e.code, detail) from e
         try:
             self._set(spec.name, ifalias=spec_to_alias(spec, dataplane="kernel"))
@@ -193,10 +195,19 @@ class KernelTunnels:
         if old is None:
             raise NotFoundError(f'change tunnel "{spec.name}" failed: No such device')
         if KIND[old.mode] != KIND[spec.mode] or old.mode is not spec.mode:
-            raise ConfigError(f"mode {spec.mode.value}: {spec.name} is a {old.mode.value} "
-                              "tunnel; change cannot switch modes (delete and add it)")
+            raise ConfigError(f"mode {spec.mode.value}: {spec.name} is {old.mode.a_tunnel}"
+                              "; change cannot switch modes (delete and add it)")
         kw = _info_data(spec)
-        self._set(spec.name, kind=KIND[spec.mode], **kw)
+        try:
+            self._ipr.link("set", ifname=spec.name, kind=KIND[spec.mode], **kw)
+        except NetlinkError as e:
+            if e.code == errno.EEXIST:    # ip_tunnel_changelink(): another has these parms
+                twin = self._twin(spec)
+                if twin is not None:      # in the words of tunld's (and its add's) refusal
+                    raise ExistsError(f'change tunnel "{spec.name}" failed: {twin} has the '
+                                      'same protocol, local and remote addresses and key') from e
+                raise LinkError("change tunnel", spec.name, e.code, EXISTS) from e
+            raise LinkError("change tunnel", spec.name, e.code) from e
         for addr, default in old.prl:
             if (addr, default) not in spec.prl:
                 self._prl(SIOCDELPRL, spec.name, addr, default)
@@ -204,6 +215,22 @@ class KernelTunnels:
             if (addr, default) not in old.prl:
                 self._prl(SIOCADDPRL, spec.name, addr, default)
         self._set(spec.name, ifalias=spec_to_alias(spec, dataplane="kernel"))
+
+    def _twin(self, spec: TunnelSpec) -> str | None:
+        """The other kernel tunnel with the same protocol, local and remote addresses and
+        key as `spec` (what makes the kernel answer EEXIST), if it can be found."""
+        try:
+            for name in self.names():
+                if name == spec.name:
+                    continue
+                other = self.read(name)
+                if other is not None and KIND[other.mode] == KIND[spec.mode] and (
+                        other.local, other.remote, other.ikey, other.dev) == (
+                        spec.local, spec.remote, spec.ikey, spec.dev):    # ip_tunnel_find()
+                    return name
+        except (NetlinkError, TunlError, OSError):
+            pass                     # the kernel's word alone, then
+        return None
 
     def _set(self, name: str, **kw) -> None:
         try:

@@ -1,12 +1,7 @@
 """`tunl lab`: emulated hosts in network namespaces.
 
-    tunl lab up FILE              namespaces, underlay bridge, veths; run the hosts' commands
-    tunl lab down FILE            end the lab's processes, delete its namespaces (idempotent)
-    tunl lab exec [--lab NAME] NODE -- CMD...
-                                  run CMD in NODE's namespace (a host, HOST-CONTAINER, or ul)
-    tunl lab demo FILE            up, ping every target of every other host, show the captured
-                                  packets (ipip, gre, sit), down
-    tunl lab list                 the labs that are up and their nodes
+USAGE below is what `tunl lab help` prints: every verb with every word it takes, in the
+iproute2 style (the grammar, then what each value is). Each verb's own `-h` is argparse's.
 
 The tunl CLI hands its arguments after `lab` to main(); main returns the exit code.
 """
@@ -16,43 +11,106 @@ import argparse
 import os
 import signal
 import sys
+import textwrap
 import threading
 
 from ..errors import TunlError
 from . import control, demo, topology
+from .topology import ns_prefix
 
 PROG = "tunl lab"
 
+# each verb: its words (iproute2's BNF) and what it does
+VERBS = {
+    "up":   ("[ -v ] FILE",
+             "build the lab: namespaces tl-NAME-*, the underlay bridge br0, veths; then run"
+             " each host's commands"),
+    "down": ("[ -v ] { FILE | --lab NAME }",
+             "end the lab's processes and delete its namespaces"),
+    "exec": ("[ --lab NAME ] NODE -- CMD [ ARG... ]",
+             "run CMD in NODE's namespace, with `tunl` on PATH; exit with CMD's exit code"),
+    "demo": ("[ -v ] [ --pcap PATH ] [ --show N ] FILE",
+             "up, ping every target of every other host, show the captured underlay packets"
+             " decoded and the tunnels' counters, down"),
+    "list": ("", "the labs that are up, with their nodes"),
+}
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Emulated hosts in network namespaces.")
+
+def verb_usage(verb: str) -> str:
+    return f"{PROG} {verb} {VERBS[verb][0]}".rstrip()
+
+
+def _usage() -> str:
+    lines = [("Usage: " if i == 0 else "       ") + verb_usage(v) for i, v in enumerate(VERBS)]
+    lines += [f"       {PROG} help",
+              f"       {PROG} {{ {' | '.join(VERBS)} }} {{ -h | help }}", ""]
+    for v, (_, what) in VERBS.items():
+        lines += textwrap.wrap(what, 90, initial_indent=f"  {v:<5} ",
+                               subsequent_indent=" " * 8)
+    return "\n".join(lines) + f"""
+
+Where: FILE := a topology file (TOML), as in examples/
+       NAME := the name of a lab, as its FILE and `{PROG} list` say it
+       NODE := {{ HOST | HOST-CONTAINER | ul }}   (ul: the underlay, where br0 is)
+       CMD  := a command, run with its ARGs in NODE's namespace (`ip netns exec`)
+       PATH := where to keep the demo's underlay capture (pcap); default: not kept
+       N    := how many captured packets to decode; default: the first of each
+               direction of each ping
+       -v, --verbose := show each step and its output
+"""
+
+
+USAGE = _usage()      # `tunl lab help`
+
+
+def _count(text: str) -> int:
+    """--show N: a count, 0 or more."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f'"{text}" is not a count (0, 1, 2, ...)')
+    return n
+
+
+def _parser(exec_cmd: bool = True) -> argparse.ArgumentParser:
+    """The verbs and their words; `exec_cmd=False` when CMD came after "--" and was split off
+    (see _split_exec), so that every word before "--" is parsed as NODE or an option."""
+    p = argparse.ArgumentParser(prog=PROG, add_help=False,
+                                usage=f"{PROG} {{ {' | '.join(VERBS)} | help }} ...")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("up", help="create the lab's namespaces and run the hosts' commands")
+    def verb(name: str) -> argparse.ArgumentParser:
+        what = VERBS[name][1]
+        return sub.add_parser(name, help=what, description=what, usage=verb_usage(name))
+
+    s = verb("up")
     s.add_argument("file", metavar="FILE", help="topology file (TOML)")
     s.add_argument("-v", "--verbose", action="store_true", help="show each step and its output")
 
-    s = sub.add_parser("down", help="end the lab's processes and delete its namespaces")
+    s = verb("down")
     s.add_argument("file", metavar="FILE", nargs="?", help="topology file (TOML)")
     s.add_argument("--lab", metavar="NAME", help="the lab's name, instead of FILE")
     s.add_argument("-v", "--verbose", action="store_true", help="show each step")
 
-    s = sub.add_parser("exec", help="run a command in a node's namespace",
-                       usage=f"{PROG} exec [--lab NAME] NODE -- CMD...")
+    s = verb("exec")
     s.add_argument("--lab", metavar="NAME", help="the lab, when several are up")
     s.add_argument("node", metavar="NODE", help="a host, HOST-CONTAINER, or ul (the underlay)")
-    s.add_argument("cmd", metavar="CMD", nargs=argparse.REMAINDER, help="command and arguments")
+    if exec_cmd:
+        s.add_argument("cmd", metavar="CMD", nargs=argparse.REMAINDER,
+                       help="command and arguments, after --")
 
-    s = sub.add_parser("demo", help="up, ping every host's targets, show captured packets and"
-                                    " counters, down")
+    s = verb("demo")
     s.add_argument("file", metavar="FILE", help="topology file (TOML)")
     s.add_argument("--pcap", metavar="PATH", help="keep the underlay capture in PATH")
-    s.add_argument("--show", metavar="N", type=int, default=demo.SHOW,
+    s.add_argument("--show", metavar="N", type=_count, default=demo.SHOW,
                    help="captured packets to decode (default: the first of each direction of"
                         " each ping)")
     s.add_argument("-v", "--verbose", action="store_true", help="show each step and its output")
 
-    sub.add_parser("list", help="the labs that are up, with their nodes")
+    verb("list")
+    p.verbs = sub.choices               # {verb: its parser}, for `tunl lab VERB help`
     return p
 
 
@@ -82,15 +140,30 @@ def _on_sigterm(signum, frame):
     raise _Terminated()
 
 
+def _help(argv: list[str]) -> str | None:
+    """What `help` asks for, as iproute2 takes it: `tunl lab help` (or -h, --help) is the whole
+    usage; `tunl lab VERB help` is the verb's own, as `tunl lab VERB -h`."""
+    if argv[0] in ("help", "-h", "--help"):
+        return USAGE
+    if len(argv) == 2 and argv[0] in VERBS and argv[1] == "help":
+        return _parser().verbs[argv[0]].format_help()
+    return None
+
+
 def main(argv: list[str]) -> int:
-    argv, cmd = _split_exec(list(argv))
-    parser = _parser()
+    argv = list(argv)
     if not argv:
-        parser.print_usage(sys.stderr)
+        sys.stderr.write(USAGE)
         return 2
+    text = _help(argv)
+    if text is not None:
+        sys.stdout.write(text)
+        return 0
+    argv, cmd = _split_exec(argv)
+    parser = _parser(exec_cmd=cmd is None)
     try:
         args = parser.parse_args(argv)
-    except SystemExit as e:            # --help, or a usage error (already printed)
+    except SystemExit as e:            # a verb's -h, or a usage error (already printed)
         return e.code if isinstance(e.code, int) else 2
     if cmd is not None:
         args.cmd = cmd
@@ -133,27 +206,33 @@ def _dispatch(args) -> int:
               f"  tunl lab down {args.file}")
         return 0
     if args.command == "down":
+        if args.lab and args.file:
+            raise TunlError("down: give FILE or --lab NAME, not both")
         if args.lab:
             name = topology.check_lab_name(args.lab)
         elif args.file:
             name = topology.load_name(args.file)
         else:
-            raise TunlError("down: give FILE or --lab NAME")
+            raise TunlError(f"down: give FILE or --lab NAME (usage: {verb_usage('down')})")
         _need_root()
         report = control.down(name, log=_log(args.verbose))
-        if report.namespaces:
-            n, k = len(report.namespaces), report.processes
-            print(f"lab {name} is down: deleted {n} namespace{'s' * (n != 1)},"
-                  f" ended {k} process{'es' * (k != 1)}")
+        if not report.namespaces:
+            # like `ip netns del NAME` of a namespace that is not there: say so, exit non-zero
+            raise TunlError(f'down: lab "{name}" is not up: no namespace {ns_prefix(name)}*'
+                            f" exists (`{PROG} list` shows the labs that are up)")
+        n, k = len(report.namespaces), report.processes
+        print(f"lab {name} is down: deleted {n} namespace{'s' * (n != 1)},"
+              f" ended {k} process{'es' * (k != 1)}")
         return 0
     if args.command == "exec":
         if not args.cmd:
-            raise TunlError(f"exec: no command (usage: {PROG} exec NODE -- CMD...)")
+            raise TunlError(f"exec: no command (usage: {verb_usage('exec')})")
         _need_root()
         ns = control.find_node(args.node, args.lab)
         return control.exec_in(ns, args.cmd)
     if args.command == "demo":
         topo = topology.load(args.file)
+        demo.check(topo, args.pcap)
         _need_root()
         return demo.run(topo, sys.stdout, pcap_path=args.pcap, show=args.show,
                         log=_log(args.verbose))

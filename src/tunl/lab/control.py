@@ -7,7 +7,8 @@ up:  tl-<lab>-ul with bridge br0; per host a namespace tl-<lab>-<host> whose eth
      bridge, with a default route via the gateway. Any failure, Ctrl-C included, tears the
      whole lab down before the error goes on.
 down: end the processes in each of the lab's namespaces, then delete the namespaces (which
-     takes their links with them). Idempotent.
+     takes their links with them). Idempotent: a lab that is not up gives an empty report
+     (`tunl lab down` says so, and exits 1).
 """
 from __future__ import annotations
 

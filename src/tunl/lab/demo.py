@@ -8,9 +8,19 @@ header and inner, so the demo shows the encapsulation as it is on the wire:
     172.16.232.172 > 172.16.232.194 proto 4 (ipip): 10.42.1.1 > 10.42.2.1 ICMP echo request, ...
     172.16.232.172 > 172.16.232.194 proto 47 (gre, key 1): fd00:50:1::1 > fd00:50:1::2 ICMPv6 ...
     172.16.165.33 > 172.16.165.244 proto 41 (sit): 2001:db8:1::1 > 2001:db8:1::2 ICMPv6 ...
+
+Then each host's `tunl -d -s tunnel show`, and under a tunnel that counted NoRoute, one line on
+why, from the kernel's own counters of the device: a tunnel without remote (sit NBMA, isatap,
+6rd) has no IPv4 destination for the multicast the kernel sends into it, such as the MLD
+reports of a host that forwards (it joins ff02::2):
+
+    NoRoute 2 on sit2: IPv6 multicast the kernel sent into sit2, 2 MLDv2 reports to ff02::16
+    (for group ff02::2): a tunnel without remote has no IPv4 destination for it
 """
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import re
 import select
@@ -90,6 +100,17 @@ def plan(topo: Topology) -> list[tuple[Host, Host, str]]:
             for t in b.ping_targets]
 
 
+def check(topo: Topology, pcap_path: str | None = None) -> None:
+    """What would make the demo fail after bringing the lab up, said before it does."""
+    if not plan(topo):
+        raise LabError(f'demo: lab "{topo.name}" has one host, so nothing to ping (the demo'
+                       " pings the targets of every other host)")
+    if pcap_path is not None:
+        where = os.path.dirname(os.path.abspath(pcap_path))
+        if not os.path.isdir(where):
+            raise LabError(f"demo: --pcap {pcap_path}: directory {where} does not exist")
+
+
 def ping(ns: str, target: str) -> PingResult:
     """iputils ping takes an IPv4 or an IPv6 address (with %zone for a link-local) alike."""
     r = netns.run(netns.exec_argv(ns, ["ping", "-n", "-c", str(PING_COUNT), "-i", PING_INTERVAL,
@@ -161,6 +182,111 @@ def decode_capture(path: str, show: int | None = SHOW) -> list[str]:
     return lines
 
 
+# -- why NoRoute ----------------------------------------------------------------------------
+
+MAF_NOREPORT = 0x08     # /proc/net/igmp6 flags: a group the kernel never reports (ff02::1, ...)
+
+
+def parse_snmp6(text: str) -> dict[str, int]:
+    """/proc/net/dev_snmp6/DEV: "Icmp6OutMLDv2Reports   3" lines."""
+    out = {}
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) == 2 and words[1].isdigit():
+            out[words[0]] = int(words[1])
+    return out
+
+
+def reported_groups(text: str, dev: str) -> list[str]:
+    """The IPv6 multicast groups of `dev` that the kernel reports with MLD, from
+    /proc/net/igmp6 ("4 sit2 ff020000000000000000000000000002 1 00000004 0")."""
+    out = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) < 5 or words[1] != dev:
+            continue
+        try:
+            group = ipaddress.IPv6Address(bytes.fromhex(words[2]))
+            flags = int(words[4], 16)
+        except ValueError:
+            continue
+        if not flags & MAF_NOREPORT:
+            out.append(str(group))
+    return out
+
+
+def _n(k: int, what: str, plural: str | None = None) -> str:
+    return f"{k} {what if k == 1 else plural or what + 's'}"
+
+
+def explain_noroute(tunnel: dict, snmp6: dict[str, int], groups: list[str]) -> str | None:
+    """One line on a tunnel's NoRoute count (tx_carrier_errors), or None when it is 0.
+
+    A tunnel without remote finds each packet's IPv4 destination in the packet's next hop
+    (::a.b.c.d, ISATAP, 6rd); a multicast packet has none, and is dropped and counted, as
+    ipip6_tunnel_xmit() drops it. The kernel sends IPv6 multicast into an IPv6 interface that
+    is up: MLD reports for the groups it joined that it reports (ff02::2, all routers, once it
+    forwards; never ff02::1), and router solicitations where it has a link-local address. Its
+    counters of the device (`snmp6`, /proc/net/dev_snmp6/DEV) say how many it sent.
+    """
+    name = tunnel.get("ifname", "?")
+    n = tunnel.get("stats", {}).get("tx_carrier_errors", 0)
+    if not n:
+        return None
+    remote = tunnel.get("remote")
+    head = f"NoRoute {n} on {name}: "
+    if remote not in (None, "any", "0.0.0.0"):
+        return head + f"no route to {remote} when they were sent"
+    mcast = snmp6.get("Ip6OutMcastPkts", 0)
+    if not mcast:
+        return head + ("packets with no IPv4 destination (their next hop is no ::a.b.c.d,"
+                       " ISATAP or 6rd address) or no route to it")
+    parts, known = [], 0
+    for key, what, plural in (
+            ("Icmp6OutMLDv2Reports", "MLDv2 report to ff02::16", "MLDv2 reports to ff02::16"),
+            ("Icmp6OutGroupMembResponses", "MLDv1 report", None),
+            ("Icmp6OutRouterSolicits", "router solicitation to ff02::2",
+             "router solicitations to ff02::2")):
+        k = snmp6.get(key, 0)
+        if k:
+            part = _n(k, what, plural)
+            if key != "Icmp6OutRouterSolicits" and groups:
+                part += f" (for {'group' if len(groups) == 1 else 'groups'} {', '.join(groups)})"
+            parts.append(part)
+            known += k
+    if mcast > known:
+        parts.append(_n(mcast - known, "other multicast packet"))
+    line = (head + f"IPv6 multicast the kernel sent into {name}, {'; '.join(parts)}:"
+            " a tunnel without remote has no IPv4 destination for it")
+    if n > mcast:
+        line += f"; the other {n - mcast} had no IPv4 destination or no route to it"
+    return line
+
+
+def noroute_lines(ns: str) -> list[str]:
+    """explain_noroute() of each tunnel of a host's namespace that has a NoRoute count."""
+    r = netns.sh(ns, "tunl -j -s tunnel show", timeout=30)
+    try:
+        tunnels = json.loads(r.stdout) if r.returncode == 0 else []
+    except ValueError:
+        return []
+    lines = []
+    for t in tunnels:
+        if not isinstance(t, dict) or not t.get("stats", {}).get("tx_carrier_errors"):
+            continue
+        dev = t.get("ifname", "")
+        snmp6 = groups = ""
+        if re.fullmatch(r"[\w.-]+", dev):
+            snmp6 = netns.run(netns.exec_argv(ns, ["cat", f"/proc/net/dev_snmp6/{dev}"]),
+                              timeout=30).stdout
+            groups = netns.run(netns.exec_argv(ns, ["cat", "/proc/net/igmp6"]),
+                               timeout=30).stdout
+        line = explain_noroute(t, parse_snmp6(snmp6), reported_groups(groups, dev))
+        if line:
+            lines.append(line)
+    return lines
+
+
 # -- capture ---------------------------------------------------------------------------------
 
 class Capture:
@@ -216,6 +342,7 @@ class Capture:
 def run(topo: Topology, out: TextIO, *, pcap_path: str | None = None, show: int | None = SHOW,
         log: control.Log = control._quiet) -> int:
     """The demo; returns 0 if every ping had replies, else 1. Always tears the lab down."""
+    check(topo, pcap_path)
     if shutil.which("ping") is None:
         raise LabError("ping: not found (install iputils-ping)")
     if shutil.which("tcpdump") is None:
@@ -227,7 +354,7 @@ def run(topo: Topology, out: TextIO, *, pcap_path: str | None = None, show: int 
     pcap_path = os.path.abspath(pcap_path)
     capture = None
     try:
-        print(f"lab {topo.name}: up ({len(topo.hosts)} hosts)", file=out, flush=True)
+        print(f"lab {topo.name}: up ({_n(len(topo.hosts), 'host')})", file=out, flush=True)
         control.up(topo, log=log)
         pings = plan(topo)
         # every ping: a request and a reply, each crossing br0 once
@@ -256,6 +383,8 @@ def run(topo: Topology, out: TextIO, *, pcap_path: str | None = None, show: int 
                 print("  " + line, file=out)
             if r.returncode != 0:
                 print(f"  (exit {r.returncode})", file=out)
+            for line in noroute_lines(topo.ns_host(h)):
+                print("  " + line, file=out)
         failed = [row for row in rows if not row[3].ok]
         print(file=out)
         if failed:
