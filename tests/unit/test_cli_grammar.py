@@ -365,3 +365,12 @@ def test_show_takes_keys_with_gre_vti_or_no_mode():
     assert grammar.parse_show("key 5".split())["ikey"] == 5
     assert grammar.parse_show("mode vti ikey 5".split())["ikey"] == 5
     assert grammar.parse_show("gre1 key 5".split())["ikey"] == 5
+
+
+@pytest.mark.parametrize("argv", [["daemon", "help"], ["daemon", "h"], ["daemon", "-h"]])
+def test_daemon_help_lists_every_verb(argv, capsys):
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Usage: tunl daemon { status | start | stop | help }")
+    for verb in ("status", "start", "stop"):
+        assert f"\n  {verb} " in out

@@ -153,10 +153,22 @@ def _need_device(dev: str) -> None:
         raise NotFoundError(f'dev "{dev}": Cannot find device "{dev}"') from None
 
 
+DAEMON_USAGE = """Usage: tunl daemon { status | start | stop | help }
+
+  status   tunld's pid, its tunnels and where its log is (-j: JSON); any user
+  start    start tunld in this network namespace if it is not running (root)
+  stop     stop tunld; eBPF tunnels keep their fast path, userspace tunnels carry no
+           traffic until tunld runs again (root)
+"""
+
+
 def do_daemon(argv: list[str], opts: dict) -> int:
     """tunl daemon { status | start | stop }: status for any user (it starts tunld only for
     root); start and stop for root."""
     verb = argv[0] if argv else "status"
+    if grammar.matches(verb, "help") or verb in ("-h", "--help"):
+        sys.stdout.write(DAEMON_USAGE)
+        return 0
     if grammar.matches(verb, "status") or grammar.matches(verb, "start"):
         _need_root("daemon status" if grammar.matches(verb, "status") else "daemon start")
         st = _call("status")        # starts tunld if it is not running (root only)
