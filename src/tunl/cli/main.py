@@ -1,6 +1,6 @@
 """tunl [ OPTIONS ] OBJECT { COMMAND | help }
 
-OBJECT := { tunnel | lab | daemon | doctor }
+OBJECT := { tunnel | mesh | lab | daemon | doctor }
 OPTIONS := { -s[tatistics] | -d[etails] | -j[son] [ -p[retty] ] | -V[ersion] | -h[elp] |
              --dataplane { auto | kernel | ebpf | userspace } }
 """
@@ -205,6 +205,8 @@ def usage() -> str:
             "`ip tunnel`\n"
             "  tunl tunnel capture NAME [ TCPDUMP-OPTIONS ]   tcpdump on a tunnel, both ways\n"
             "  tunl tunnel help   every word of tunl tunnel\n"
+            "  tunl mesh { init | agent | show | leave } ...   the overlay: subnet leases "
+            "in a registry, an agent per node\n"
             "  tunl lab { up FILE | down FILE | exec NODE -- CMD | demo FILE | list }\n"
             "  tunl daemon { status | start | stop }\n"
             "  tunl doctor [ --json ]   which data plane this host gets, and what breaks "
@@ -268,6 +270,9 @@ def run(argv: list[str]) -> int:
     obj, args = argv[0], argv[1:]
     if grammar.matches(obj, "tunnel") or grammar.matches(obj, "tunl"):
         return do_tunnel(args, opts)
+    if grammar.matches(obj, "mesh"):
+        from .mesh import main as mesh_main
+        return mesh_main(args, opts)
     if grammar.matches(obj, "lab"):
         from ..lab.cli import main as lab_main
         return lab_main(args)

@@ -1,0 +1,349 @@
+"""The mesh agent: one per node. It leases the node's subnet, builds the walkthrough's
+one-to-many setup on the node (bridge with the subnet's gateway, a tunnel device without remote
+carrying the subnet's .0/32), and keeps one on-link route per other node,
+
+    ip route add 10.42.2.0/24 via <node's public IP> dev tunl0 onlink proto 116
+
+in step with the registry: on every registry event and on a periodic resync it computes
+plan(desired, actual) and carries it out. Only routes with its protocol number are its own.
+
+While the registry cannot be reached, nothing is withdrawn: forwarding stays as it was, and the
+agent tries again every RETRY seconds, so it reconverges within a second or two of the
+registry's return. Time comes from an injected clock and waits from an injected `wait`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Callable, Protocol
+
+from ..errors import TunlError
+from . import network as nw
+from .network import BadLeaseError, Lease, NetworkConfig
+from .plan import RTPROT_TUNL, Op, Route, plan
+from .registry import Registry
+from .store import CompactedError, Event, RegistryError, Watch
+
+log = logging.getLogger("tunl.mesh")
+
+DEFAULT_TTL = 20          # s: a dead node's routes are gone everywhere within 2 × TTL
+RESYNC = 10.0             # s between full resyncs (registry listed again, routes read again)
+RETRY = 0.25              # s between tries while the registry is down
+
+
+class Host(Protocol):
+    """What the agent changes on its node (KernelHost; FakeHost in fake.py for tests)."""
+
+    def ensure_local(self, lease: Lease, previous: Lease | None) -> dict[str, str]: ...
+
+    def routes(self) -> set[Route]: ...
+
+    def apply(self, op: Op) -> None: ...
+
+
+@dataclass
+class AgentConfig:
+    public_ip: IPv4Address
+    node: str
+    dev: str = "tunl0"
+    bridge: str = "mybr0"
+    ttl: int = DEFAULT_TTL
+    resync: float = RESYNC
+    prefer: IPv4Network | None = None          # the subnet this node held before, if known
+
+
+@dataclass
+class Status:
+    """What the agent knows, for metrics and `tunl mesh show`."""
+    lease: Lease | None = None
+    lease_id: int = 0
+    peers: int = 0
+    routes: int = 0
+    refused: dict[str, str] = field(default_factory=dict)
+    registry_up: bool = False
+    registry_errors: int = 0
+    reconciles: int = 0
+    last_reconcile: float = 0.0              # seconds it took
+    route_errors: int = 0
+
+
+class Agent:
+    def __init__(self, registry: Registry, host: Host, cfg: AgentConfig,
+                 clock: Callable[[], float] = time.monotonic,
+                 wait: Callable[[float], object] | None = None,
+                 on_reconcile: Callable[[float], None] | None = None,
+                 on_lease: Callable[["Agent"], None] | None = None):
+        self.registry, self.host, self.cfg = registry, host, cfg
+        self.clock = clock
+        self.stopping = threading.Event()
+        self.wait = wait or self.stopping.wait
+        self.on_reconcile = on_reconcile
+        self.on_lease = on_lease
+        self.status = Status()
+        self.config: NetworkConfig | None = None
+        self.leases: dict[IPv4Network, Lease] = {}
+        self.keys: dict[str, IPv4Network] = {}
+        self.revision = 0
+        self.watch: Watch | None = None
+        self.next_renew = 0.0
+        self.next_resync = 0.0
+        self.rng = random.Random()
+
+    # -- registry ---------------------------------------------------------------------------
+
+    def _down(self, e: Exception) -> None:
+        if self.status.registry_up:
+            log.warning("registry down, keeping every route as it is: %s", e)
+        self.status.registry_up = False
+        self.status.registry_errors += 1
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
+
+    def _relist(self) -> None:
+        """List every lease again and watch from the revision after the listing."""
+        assert self.config is not None
+        listing = self.registry.listing(self.config)
+        self.leases = dict(listing.leases)
+        self.keys = {self.registry.key(s): s for s in listing.leases}
+        self._log_refused(listing.refused)
+        self.revision = listing.revision
+        if self.watch is not None:
+            self.watch.close()
+        self.watch = self.registry.store.watch(self.registry.subnets_prefix, self.revision + 1)
+        if not self.status.registry_up:
+            log.info("registry %s answers: %d leases at revision %d", self.registry.url,
+                     len(self.leases), self.revision)
+        self.status.registry_up = True
+
+    def _log_refused(self, refused: dict[str, str]) -> None:
+        for key, why in refused.items():
+            if self.status.refused.get(key) != why:
+                log.warning("refused: %s", why)
+        self.status.refused = dict(refused)
+
+    def _event(self, e: Event) -> None:
+        assert self.config is not None
+        self.revision = max(self.revision, e.revision)
+        old = self.keys.pop(e.key, None)
+        if old is not None:
+            self.leases.pop(old, None)
+        self.status.refused.pop(e.key, None)
+        if e.kind == "delete":
+            return
+        try:
+            lease = nw.parse_lease(self.config, e.key, e.value or b"")
+        except BadLeaseError as err:
+            self.status.refused[e.key] = str(err)
+            log.warning("refused: %s", err)
+            return
+        self.leases[lease.subnet] = lease
+        self.keys[e.key] = lease.subnet
+
+    def _acquire(self) -> None:
+        assert self.config is not None
+        previous = self.status.lease
+        prefer = previous.subnet if previous else self.cfg.prefer
+        lease_id = self.registry.store.grant(self.cfg.ttl)
+        lease = self.registry.acquire(self.config, self.cfg.public_ip, self.cfg.node, lease_id,
+                                      prefer, self.rng)
+        self.status.lease, self.status.lease_id = lease, lease_id
+        self.next_renew = self.clock() + self.cfg.ttl / 4
+        if previous != lease:
+            log.info("leased %s for %s (public IP %s, TTL %d s)", lease.subnet, self.cfg.node,
+                     lease.public_ip, self.cfg.ttl)
+            made = self.host.ensure_local(lease, previous)
+            for what, how in made.items():
+                if how != "unchanged":
+                    log.info("%s: %s", what, how)
+        if self.on_lease:
+            self.on_lease(self)
+
+    def _renew(self) -> None:
+        ttl = self.registry.store.keepalive(self.status.lease_id)
+        lease = self.status.lease
+        if ttl is None or lease is None or not self.registry.holds(lease, self.status.lease_id):
+            log.warning("lease of %s lost; claiming it again", lease.subnet if lease else "?")
+            self._acquire()
+        self.next_renew = self.clock() + self.cfg.ttl / 4
+
+    # -- routes -----------------------------------------------------------------------------
+
+    def desired(self) -> set[Route]:
+        own = self.status.lease
+        return {Route(s, lease.public_ip, self.cfg.dev) for s, lease in self.leases.items()
+                if own is None or (s != own.subnet and lease.public_ip != own.public_ip)}
+
+    def reconcile(self) -> list[Op]:
+        t0 = self.clock()
+        desired = self.desired()
+        ops = plan(desired, self.host.routes())
+        for op in ops:
+            try:
+                self.host.apply(op)
+                log.info("%s", op)
+            except TunlError as e:
+                self.status.route_errors += 1
+                log.warning("%s: %s", op, e)
+        took = self.clock() - t0
+        self.status.peers = len(desired)
+        self.status.routes = len(desired)
+        self.status.reconciles += 1
+        self.status.last_reconcile = took
+        if self.on_reconcile:
+            self.on_reconcile(took)
+        return ops
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Until the registry answers: wait for it. Then lease, build, and converge."""
+        while not self.stopping.is_set():
+            try:
+                self.config = self.registry.config()
+                self._acquire()
+                self._relist()
+                self.reconcile()        # also removes this agent's stale routes
+                self.next_resync = self.clock() + self.cfg.resync
+                return
+            except RegistryError as e:
+                self._down(e)
+                self.wait(RETRY)
+
+    def step(self) -> None:
+        now = self.clock()
+        if self.watch is None:
+            try:
+                self._relist()
+                if self.status.lease is None or now >= self.next_renew:
+                    self._renew()
+                self.reconcile()
+            except RegistryError as e:
+                self._down(e)
+                self.wait(RETRY)
+            return
+        timeout = max(0.0, min(self.next_renew, self.next_resync) - now)
+        try:
+            events = self.watch.get(timeout)
+            for e in events:
+                self._event(e)
+            own = self.status.lease
+            if own is not None and self.leases.get(own.subnet) != own:
+                self._renew()           # our key was deleted or changed under us
+            if events:
+                self.reconcile()
+            now = self.clock()
+            if now >= self.next_renew:
+                self._renew()
+            if now >= self.next_resync:
+                self._relist()
+                self.reconcile()
+                self.next_resync = now + self.cfg.resync
+        except CompactedError as e:
+            log.info("%s; listing again", e)
+            self.watch = None
+        except RegistryError as e:
+            self._down(e)
+
+    def run(self) -> None:
+        self.start()
+        while not self.stopping.is_set():
+            self.step()
+        if self.watch is not None:
+            self.watch.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.watch is not None:
+            self.watch.close()
+
+
+class KernelHost:
+    """The agent's node: the tunnel on whichever data plane `auto` (or `dataplane`) gives,
+    the bridge and the routes over rtnetlink."""
+
+    def __init__(self, dev: str, bridge: str, mode: str, dataplane: str = "auto"):
+        from ..kernel.routes import HostNet
+        self.dev, self.bridge, self.mode, self.dataplane = dev, bridge, mode, dataplane
+        self.net = HostNet()
+        self.made: dict[str, str] = {}
+
+    def ensure_tunnel(self) -> str:
+        from .. import planes
+        from ..errors import ForeignDeviceError, NotFoundError
+        from ..model import TunnelMode, TunnelSpec
+        mode = TunnelMode(self.mode)
+        try:
+            _, spec = planes.find(self.dev)
+        except NotFoundError:
+            planes.for_new(mode, self.dataplane).add(TunnelSpec(name=self.dev, mode=mode))
+            return "created"
+        if spec.mode is not mode or spec.remote is not None:
+            raise ForeignDeviceError(f"{self.dev} exists as a tunnel with mode "
+                                     f"{spec.mode.value}{' and a remote' if spec.remote else ''};"
+                                     f" the mesh needs mode {self.mode} without remote")
+        return "unchanged"
+
+    def ensure_local(self, lease: Lease, previous: Lease | None) -> dict[str, str]:
+        from ..kernel.routes import enable_forwarding
+        net = self.net
+        made = {f"tunnel {self.dev}": self.ensure_tunnel()}
+        net.set_up(self.dev)
+        made[f"bridge {self.bridge}"] = net.ensure_bridge(self.bridge)
+        if previous is not None and previous.subnet != lease.subnet:
+            net.remove_address(self.dev, IPv4Interface(f"{previous.subnet.network_address}/32"))
+            net.remove_address(self.bridge, IPv4Interface(
+                f"{previous.gateway}/{previous.subnet.prefixlen}"))
+        made[f"address {lease.subnet.network_address}/32 dev {self.dev}"] = net.ensure_address(
+            self.dev, IPv4Interface(f"{lease.subnet.network_address}/32"))
+        made[f"address {lease.gateway}/{lease.subnet.prefixlen} dev {self.bridge}"] = \
+            net.ensure_address(self.bridge,
+                               IPv4Interface(f"{lease.gateway}/{lease.subnet.prefixlen}"))
+        made["net.ipv4.ip_forward"] = enable_forwarding()
+        self.made.update({k: v for k, v in made.items() if v == "created"})
+        return made
+
+    def routes(self) -> set[Route]:
+        return {Route(dst, via, dev, onlink) for dst, via, dev, onlink in
+                self.net.routes(RTPROT_TUNL)}
+
+    def apply(self, op: Op) -> None:
+        r = op.route
+        self.net.route(op.verb, r.dst, r.via, r.dev, r.onlink, RTPROT_TUNL)
+
+    def close(self) -> None:
+        self.net.close()
+
+
+def public_ip(given: str | None, iface: str | None) -> IPv4Address:
+    """--public-ip, else the first IPv4 address of --iface, else the source of the default
+    route (as flannel picks its external interface)."""
+    from ..errors import ConfigError
+    from ..kernel.routes import HostNet
+    if given:
+        try:
+            return IPv4Address(given)
+        except ValueError:
+            raise ConfigError(f'--public-ip "{given}": an IPv4 address is a.b.c.d') from None
+    with HostNet() as net:
+        if iface:
+            if net.index(iface) is None:
+                raise ConfigError(f'--iface "{iface}": no such device')
+            addrs = net.addresses(iface)
+            if not addrs:
+                raise ConfigError(f'--iface "{iface}": the device has no IPv4 address')
+            return addrs[0].ip
+        src = net.source_for("192.0.2.1")       # TEST-NET-1: only the route lookup, no packet
+    if src is None:
+        raise ConfigError("no default route to take the public IP from: "
+                          "name it with --public-ip IP or --iface DEV")
+    return src
+
+
+def node_name() -> str:
+    return os.uname().nodename
