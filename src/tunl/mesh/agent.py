@@ -55,6 +55,7 @@ class AgentConfig:
     ttl: int = DEFAULT_TTL
     resync: float = RESYNC
     prefer: IPv4Network | None = None          # the subnet this node held before, if known
+    block: float = 1.0                         # s a step waits for registry events at most
 
 
 @dataclass
@@ -222,19 +223,18 @@ class Agent:
                 self._relist()
                 if self.status.lease is None or now >= self.next_renew:
                     self._renew()
+                self._check_own()
                 self.reconcile()
             except RegistryError as e:
                 self._down(e)
                 self.wait(RETRY)
             return
-        timeout = max(0.0, min(self.next_renew, self.next_resync) - now)
+        timeout = max(0.0, min(self.next_renew, self.next_resync, now + self.cfg.block) - now)
         try:
             events = self.watch.get(timeout)
             for e in events:
                 self._event(e)
-            own = self.status.lease
-            if own is not None and self.leases.get(own.subnet) != own:
-                self._renew()           # our key was deleted or changed under us
+            self._check_own()
             if events:
                 self.reconcile()
             now = self.clock()
@@ -242,6 +242,7 @@ class Agent:
                 self._renew()
             if now >= self.next_resync:
                 self._relist()
+                self._check_own()
                 self.reconcile()
                 self.next_resync = now + self.cfg.resync
         except CompactedError as e:
@@ -249,6 +250,13 @@ class Agent:
             self.watch = None
         except RegistryError as e:
             self._down(e)
+
+    def _check_own(self) -> None:
+        own = self.status.lease
+        if own is not None and self.leases.get(own.subnet) != own:
+            log.warning("the registry no longer holds %s for this node", own.subnet)
+            self._acquire()            # deleted or taken under us: claim it (or another) again
+            self.leases[self.status.lease.subnet] = self.status.lease
 
     def run(self) -> None:
         self.start()

@@ -223,13 +223,13 @@ class SqliteWatch:
         self._wait = wait or self._closed.wait
 
     def get(self, timeout: float) -> list[Event]:
-        deadline = self._store._clock() + timeout
+        deadline = time.monotonic() + timeout     # real time: the registry's clock may be a fake
         while not self._closed.is_set():
             events = self._store._changes(self._prefix, self._next)
             if events:
                 self._next = events[-1].revision + 1
                 return events
-            left = deadline - self._store._clock()
+            left = deadline - time.monotonic()
             if left <= 0:
                 return []
             self._wait(min(POLL, left))
