@@ -223,7 +223,7 @@ def test_metrics(sqlite_mesh):
     assert "tunl_mesh_registry_up 1.0" in text
     assert re.search(r"tunl_mesh_reconcile_seconds_count [1-9]", text)
     assert 'tunl_mesh_lease_info{node="n1"' in text
-    assert 'tunl_tunnel_rx_packets_total{dev="tunl0"}' in text
+    assert re.search(r'tunl_tunnel_rx_packets_total\{dev="tunl0"\} [1-9]', text), text
 
 
 def test_dead_node_is_withdrawn_everywhere_within_two_ttl(sqlite_mesh):

@@ -152,15 +152,10 @@ def agent(a, opts) -> int:
     ag = Agent(reg, host, cfg, clock=time.monotonic, on_lease=on_lease)
     if a.metrics:
         from .. import planes
+        from ..daemon import metrics
         from ..mesh.metrics import serve
 
-        def tunnel():
-            try:
-                found = planes.show(a.dev)
-            except TunlError:
-                return None
-            return found[0] if found else None
-        hist = serve(ag, a.metrics, tunnel)
+        hist = serve(ag, metrics.check_listen(a.metrics), lambda: planes.show(a.dev))
         ag.on_reconcile = hist.observe
     signal.signal(signal.SIGTERM, lambda *_: ag.stop())
     signal.signal(signal.SIGINT, lambda *_: ag.stop())

@@ -708,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--listen-fd", type=int)
     ap.add_argument("--partner-fd", type=int)
     ap.add_argument("--supervisor-pid", type=int, default=0)
+    ap.add_argument("--metrics", metavar="[ADDR:]PORT")
     args = ap.parse_args(argv)
     if args.listen_fd is None or args.partner_fd is None:
         from . import supervisor
@@ -729,6 +730,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: setattr(d, "running", False))
     signal.signal(signal.SIGINT, lambda *_: setattr(d, "running", False))
     d.start()
+    if args.metrics:
+        serve_metrics(d, args.metrics)
     control = ControlServer(listener, d.handle, open_ops=READ_ONLY)
     supervisors = []          # supervisors this process started (to reap them)
     try:
@@ -747,6 +750,7 @@ def main(argv: list[str] | None = None) -> int:
                           d.supervisor_pid)
                 proc, partner = spawn("tunl.daemon.supervisor",
                                       (["-v"] if args.verbose else []) +
+                                      (["--metrics", args.metrics] if args.metrics else []) +
                                       ["--adopt", str(os.getpid())], listener)
                 partner.setblocking(False)
                 d.supervisor_pid = proc.pid
@@ -763,6 +767,25 @@ def main(argv: list[str] | None = None) -> int:
         control.close()
     log.info("data plane %d stopped", os.getpid())
     return 0
+
+
+def serve_metrics(d: "Tunld", listen: str) -> None:
+    """Prometheus metrics of every tunnel on `listen`, read from the engine at each scrape
+    (a read that meets a counter being added is tried again)."""
+    from .metrics import TunnelCollector, serve
+
+    def show():
+        for _ in range(3):
+            try:
+                return d.op_show()
+            except RuntimeError:       # a drop reason counted for the first time meanwhile
+                continue
+        return None
+    try:
+        serve(listen, TunnelCollector(show))
+        log.info("metrics on %s", listen)
+    except (OSError, ValueError) as e:
+        log.error("metrics: cannot listen on %s: %s", listen, e)
 
 
 def _raise_fd_limit() -> None:

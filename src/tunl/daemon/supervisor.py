@@ -187,6 +187,15 @@ def take_over(sup: Supervisor) -> socket.socket | None:
     return listener
 
 
+def check_metrics(text: str) -> str:
+    from ..errors import TunlError
+    from .metrics import check_listen
+    try:
+        return check_listen(text)
+    except TunlError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="tunld", description="tunl's daemon for this network namespace: a supervisor "
@@ -200,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--service", action="store_true",
                     help="run under a service manager that restarts tunld (systemd); log to "
                     "stderr (the journal)")
+    ap.add_argument("--metrics", metavar="[ADDR:]PORT", type=check_metrics,
+                    help="serve Prometheus metrics of every tunnel (counters, drops by reason)"
+                    " on this port (all addresses unless ADDR is given)")
     ap.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--partner-fd", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--adopt", type=int, help=argparse.SUPPRESS)
@@ -208,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     if where != logs.STDERR and os.isatty(2) and args.listen_fd is None:
         print(f"tunld: logging to {where}", file=sys.stderr)    # started by hand
     name_process("supervisor")
-    worker_args = (["-v"] if args.verbose else []) + (["--service"] if args.service else [])
+    worker_args = (["-v"] if args.verbose else []) + (["--service"] if args.service else []) + \
+        (["--metrics", args.metrics] if args.metrics else [])
     sup = Supervisor(None, worker_args)
     sup.catch_signals()
     if args.listen_fd is not None:

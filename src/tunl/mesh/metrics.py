@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ..daemon import metrics
 from .agent import Agent
 
 
 class AgentCollector:
-    def __init__(self, agent: Agent, tunnel: Callable[[], dict | None]):
-        self.agent, self.tunnel = agent, tunnel
+    def __init__(self, agent: Agent):
+        self.agent = agent
 
     def collect(self):
         a, s = self.agent, self.agent.status
@@ -43,31 +44,12 @@ class AgentCollector:
         if s.lease:
             g.add_metric([str(s.lease.subnet), str(s.lease.public_ip), s.lease.node], 1)
         yield g
-        t = self.tunnel()
-        if t is None:
-            return
-        dev = a.cfg.dev
-        counters = t.get("counters") or {}
-        for direction in ("rx", "tx"):
-            c = CounterMetricFamily(f"tunl_tunnel_{direction}_packets",
-                                    f"Packets the tunnel {'received' if direction == 'rx' else 'sent'}",
-                                    labels=["dev"])
-            c.add_metric([dev], counters.get(f"{direction}_packets", 0))
-            yield c
-            c = CounterMetricFamily(f"tunl_tunnel_{direction}_dropped",
-                                    "Packets dropped, by reason", labels=["dev", "reason"])
-            for reason, n in (counters.get(f"{direction}_drop") or {}).items():
-                c.add_metric([dev, reason], n)
-            yield c
 
 
-def serve(agent: Agent, listen: str, tunnel: Callable[[], dict | None]) -> Histogram:
-    """Serve /metrics on listen ("[ADDR:]PORT"); the histogram the agent's reconciles go into."""
-    addr, _, port = listen.rpartition(":")
-    registry = CollectorRegistry()
-    registry.register(AgentCollector(agent, tunnel))
-    h = Histogram("tunl_mesh_reconcile_seconds", "Time to plan and program the routes",
-                  registry=registry,
-                  buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
-    start_http_server(int(port), addr or "0.0.0.0", registry=registry)
-    return h
+def serve(agent: Agent, listen: str, tunnel: Callable[[], list[dict] | None]) -> Histogram:
+    """Serve /metrics on listen ("[ADDR:]PORT"): the agent's, and its tunnel's counters;
+    returns the histogram the agent's reconciles go into."""
+    registry = metrics.serve(listen, AgentCollector(agent), metrics.TunnelCollector(tunnel))
+    return Histogram("tunl_mesh_reconcile_seconds", "Time to plan and program the routes",
+                     registry=registry,
+                     buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
