@@ -166,10 +166,12 @@ class Agent:
             self.on_lease(self)
 
     def _renew(self) -> None:
+        """One keepalive: the registry's one operation per renewal. (Whether the key itself is
+        still ours, the watch says: _check_own.)"""
         ttl = self.registry.store.keepalive(self.status.lease_id)
         lease = self.status.lease
-        if ttl is None or lease is None or not self.registry.holds(lease, self.status.lease_id):
-            log.warning("lease of %s lost; claiming it again", lease.subnet if lease else "?")
+        if ttl is None or lease is None:
+            log.warning("lease of %s ran out; claiming it again", lease.subnet if lease else "?")
             self._acquire()
         self.next_renew = self.clock() + self.cfg.ttl / 4
 
@@ -271,6 +273,9 @@ class Agent:
             self.watch.close()
 
 
+FALLBACK = {"ipip": "tunl0", "gre": "gre0", "sit": "sit0"}
+
+
 class KernelHost:
     """The agent's node: the tunnel on whichever data plane `auto` (or `dataplane`) gives,
     the bridge and the routes over rtnetlink."""
@@ -291,6 +296,17 @@ class KernelHost:
         except NotFoundError:
             planes.for_new(mode, self.dataplane).add(TunnelSpec(name=self.dev, mode=mode))
             return "created"
+        except ForeignDeviceError:
+            if FALLBACK.get(self.mode) != self.dev:
+                raise
+            # the kernel's own catch-all device of the mode (made when the module loaded, and
+            # never deleted): without local, remote or key it is the tunnel the mesh needs,
+            # as Calico uses tunl0
+            from ..planes.kernel import KernelPlane
+            spec = TunnelSpec.from_dict(KernelPlane().show(self.dev)[0]["spec"])
+            if spec.local or spec.remote or spec.ikey or spec.okey:
+                raise
+            return "unchanged (the kernel's fallback device)"
         if spec.mode is not mode or spec.remote is not None:
             raise ForeignDeviceError(f"{self.dev} exists as a tunnel with mode "
                                      f"{spec.mode.value}{' and a remote' if spec.remote else ''};"
