@@ -371,3 +371,138 @@ def test_6rd_example():
         assert f"tunl tunnel add sit6rd mode sit local {h.address.ip} ttl 64" in h.commands
     assert {k: str(v) for k, v in delegated.items()} == {
         "A": "2001:db8:a521::/48", "B": "2001:db8:a5f4::/48"}
+
+
+# -- the mesh ------------------------------------------------------------------------------------
+
+MESH = {
+    "name": "m",
+    "underlay": {"cidr": "172.16.0.0/16"},
+    "mesh": {"network": "10.42.0.0/16"},
+    "host": [{"name": "A", "address": "172.16.0.1/16"},
+             {"name": "B", "address": "172.16.0.2/16"},
+             {"name": "C", "address": "172.16.0.3/16"}],
+}
+
+
+def bad_mesh(mutate) -> str:
+    data = copy.deepcopy(MESH)
+    mutate(data)
+    with pytest.raises(ConfigError) as e:
+        t.parse(data)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_mesh_defaults_and_members():
+    topo = t.parse(copy.deepcopy(MESH))
+    assert topo.mesh == t.Mesh(IPv4Network("10.42.0.0/16"), 24, "ipip", "sqlite", 20, None)
+    assert [h.name for h in topo.members] == ["A", "B", "C"]       # every host, by default
+    assert topo.run_dir == "/run/tunl/lab/m"
+    # no [mesh]: no members, and no mesh
+    plain = t.parse(copy.deepcopy(GOOD))
+    assert plain.mesh is None and plain.members == ()
+
+
+def test_mesh_keys_and_opt_out():
+    data = copy.deepcopy(MESH)
+    data["mesh"].update(subnet_len=26, mode="gre", registry="etcd", ttl=4)
+    data["host"][1]["mesh"] = False
+    data["host"][1]["ping_target"] = "172.16.0.2"       # a host outside the mesh may have one
+    topo = t.parse(data)
+    assert topo.mesh == t.Mesh(IPv4Network("10.42.0.0/16"), 26, "gre", "etcd", 4,
+                               IPv4Address("172.16.255.254"))     # the underlay's last address
+    assert [h.name for h in topo.members] == ["A", "C"]
+    data["mesh"]["etcd_address"] = "172.16.9.9"
+    assert t.parse(data).mesh.etcd_address == IPv4Address("172.16.9.9")
+    assert t.parse(data).mesh.subnets == (1 << 10) - 1
+
+
+def test_mesh_member_may_have_containers_on_another_bridge():
+    data = copy.deepcopy(MESH)
+    data["host"][0]["container"] = [{"name": "c1", "address": "192.168.7.2/24",
+                                     "gateway": "192.168.7.1", "bridge": "br7"}]
+    assert t.parse(data).hosts[0].containers[0].bridge == "br7"
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda d: d.update(mesh="10.42.0.0/16"),
+     "mesh: is a table ([mesh]) with network, subnet_len, mode, registry and ttl"),
+    (lambda d: d["mesh"].pop("network"), "mesh: network: missing"),
+    (lambda d: d["mesh"].update(netwrk="x"),
+     'mesh: unknown key "netwrk" (known: etcd_address, mode, network, registry, subnet_len,'
+     ' ttl)'),
+    (lambda d: d["mesh"].update(network="10.42.0.1/16"),
+     'mesh: network "10.42.0.1/16" is not an IPv4 network (address/prefix with no host bits'
+     ' set)'),
+    (lambda d: d["mesh"].update(network="fd00:42::/48"),
+     'mesh: network "fd00:42::/48" is not an IPv4 network'),
+    (lambda d: d["mesh"].update(network=42), "mesh: network 42 is not an IPv4 network"),
+    (lambda d: d["mesh"].update(network="172.16.128.0/17"),
+     "mesh: network 172.16.128.0/17 overlaps the underlay cidr 172.16.0.0/16 (the overlay's"
+     " routes would take the underlay's addresses)"),
+    (lambda d: d["mesh"].update(network="172.0.0.0/8"),
+     "mesh: network 172.0.0.0/8 overlaps the underlay cidr 172.16.0.0/16"),
+    (lambda d: d["mesh"].update(subnet_len=16),
+     "mesh: subnet_len 16 is not a number from 17 to 30 (longer than the network's /16; a"
+     " subnet needs its .0 and .1)"),
+    (lambda d: d["mesh"].update(subnet_len=31), "mesh: subnet_len 31 is not a number from 17"),
+    (lambda d: d["mesh"].update(subnet_len="24"), 'mesh: subnet_len "24" is not a number'),
+    (lambda d: d["mesh"].update(subnet_len=True), "mesh: subnet_len true is not a number"),
+    (lambda d: d["mesh"].update(network="10.42.0.0/29", subnet_len=30),
+     "mesh: subnet_len 30 gives 10.42.0.0/29 1 subnet to lease (the first is never leased),"
+     " fewer than its 3 members"),
+    (lambda d: d["mesh"].update(mode="vti"),
+     'mesh: mode "vti" is not an overlay mode (ipip, gre)'),
+    (lambda d: d["mesh"].update(mode="sit"),
+     'mesh: mode "sit" carries IPv6, and the overlay\'s subnets are IPv4: a sit mesh would drop'
+     " every packet (ipip, gre carry IPv4)"),
+    (lambda d: d["mesh"].update(mode=4), "mesh: mode 4 is not an overlay mode"),
+    (lambda d: d["mesh"].update(registry="consul"),
+     'mesh: registry "consul" is not a registry the lab runs (sqlite, etcd)'),
+    (lambda d: d["mesh"].update(ttl=1),
+     "mesh: ttl 1 is not a number of seconds of at least 2 (a lease is renewed every ttl/4)"),
+    (lambda d: d["mesh"].update(ttl=2.5), "mesh: ttl 2.5 is not a number of seconds"),
+    (lambda d: d["mesh"].update(ttl=False), "mesh: ttl false is not a number of seconds"),
+    (lambda d: d["mesh"].update(etcd_address="172.16.9.9"),
+     'mesh: etcd_address: only for registry "etcd" (this mesh\'s registry is "sqlite")'),
+    (lambda d: d["mesh"].update(registry="etcd", etcd_address="10.1.1.1"),
+     'mesh: etcd_address "10.1.1.1" is not in the underlay cidr 172.16.0.0/16 (the hosts reach'
+     ' etcd over the underlay)'),
+    (lambda d: d["mesh"].update(registry="etcd", etcd_address="172.16.9.9/16"),
+     'mesh: etcd_address "172.16.9.9/16" is not an IPv4 address'),
+    (lambda d: d["mesh"].update(registry="etcd", etcd_address="172.16.255.255"),
+     'mesh: etcd_address "172.16.255.255/16" is the broadcast address of 172.16.0.0/16'),
+    (lambda d: d["mesh"].update(registry="etcd", etcd_address="172.16.0.2"),
+     'mesh: etcd_address "172.16.0.2" is host "B"\'s address'),
+    (lambda d: (d["mesh"].update(registry="etcd"),
+                d["host"][2].update(address="172.16.255.254/16")),
+     "mesh: etcd listens on 172.16.255.254 (the underlay's last address) by default, which is"
+     ' host "C"\'s: choose another with etcd_address'),
+    (lambda d: [h.update(mesh=False) for h in d["host"]],
+     "mesh: no host is a member (every host says mesh = false)"),
+    (lambda d: d["host"][0].update(mesh="yes"), 'host "A": mesh "yes" is not true or false'),
+    (lambda d: (d.pop("mesh"), d["host"][0].update(mesh=True)),
+     'host "A": mesh = true, but the file has no [mesh] table'),
+    (lambda d: d["host"][1].update(ping_target="10.42.1.1"),
+     'host "B": ping_target: a mesh member is pinged at its subnet\'s gateway, which it leases'
+     " at `lab up`; leave ping_target out (or say mesh = false)"),
+    (lambda d: d["host"][0].update(container=[{"name": "c1", "address": "10.42.1.2/24",
+                                               "gateway": "10.42.1.1", "bridge": "mybr0"}]),
+     'host "A": container "c1": bridge "mybr0" is the mesh\'s, whose subnet the host leases at'
+     " `lab up`: no address in the file can be known to be in it"),
+])
+def test_mesh_errors_name_the_key(mutate, expected):
+    assert expected in bad_mesh(mutate)
+
+
+def test_mesh_examples():
+    topo = t.load(ROOT / "examples" / "mesh.toml")
+    assert [h.name for h in topo.members] == ["A", "B", "C", "D", "E"]
+    assert topo.mesh == t.Mesh(IPv4Network("10.42.0.0/16"), 24, "ipip", "sqlite", 4, None)
+    assert all(h.commands == () and h.containers == () for h in topo.hosts)
+    etcd = t.load(ROOT / "examples" / "mesh-etcd.toml")
+    assert len(etcd.members) == 3 and etcd.mesh.registry == "etcd" and etcd.mesh.ttl == 4
+    assert etcd.mesh.etcd_address == IPv4Address("172.16.255.254")
+    assert etcd.mesh.etcd_address not in {h.address.ip for h in etcd.hosts}

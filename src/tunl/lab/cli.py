@@ -24,14 +24,18 @@ PROG = "tunl lab"
 VERBS = {
     "up":   ("[ -v ] FILE",
              "build the lab: namespaces tl-NAME-*, the underlay bridge br0, veths; then run"
-             " each host's commands"),
+             " each host's commands; with a [mesh], start its registry and an agent per member"
+             " and wait until every member routes to every other"),
     "down": ("[ -v ] { FILE | --lab NAME }",
-             "end the lab's processes and delete its namespaces"),
+             "end the lab's processes (a mesh's agents and etcd too) and delete its"
+             " namespaces and its run dir"),
     "exec": ("[ --lab NAME ] NODE -- CMD [ ARG... ]",
              "run CMD in NODE's namespace, with `tunl` on PATH; exit with CMD's exit code"),
     "demo": ("[ -v ] [ --pcap PATH ] [ --show N ] FILE",
              "up, ping every target of every other host, show the captured underlay packets"
-             " decoded and the tunnels' counters, down"),
+             " decoded and the tunnels' counters, down; with a [mesh]: up (the members join),"
+             " ping every pair, kill one member and take it off the underlay, time its routes'"
+             " going, bring it back, ping every pair again, down"),
     "list": ("", "the labs that are up, with their nodes"),
 }
 
@@ -198,10 +202,18 @@ def _dispatch(args) -> int:
     if args.command == "up":
         topo = topology.load(args.file)
         _need_root()
-        control.up(topo, log=_log(args.verbose))
+        running = control.up(topo, log=_log(args.verbose))
         nss = topo.namespaces()
         print(f"lab {topo.name} is up: {', '.join(nss)}")
         first = topo.hosts[0]
+        if running is not None:
+            n = len(running.members)
+            print(f"  mesh {topo.mesh.network}: {n} agent{'s' * (n != 1)}, every member routes"
+                  f" to every other {running.joined_in:.1f} s after they started; registry"
+                  f" {running.url}; logs {running.dir}/agent-*.log")
+            first = running.members[0]
+            print(f"  e.g. tunl lab exec {first.name} -- tunl mesh show --registry"
+                  f" {running.url}")
         print(f"  e.g. tunl lab exec {first.name} -- ip addr;"
               f"  tunl lab down {args.file}")
         return 0

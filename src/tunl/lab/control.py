@@ -2,26 +2,33 @@
 
 up:  tl-<lab>-ul with bridge br0; per host a namespace tl-<lab>-<host> whose eth0 is a veth
      into br0, with the host's underlay address, lo up and ip_forward on; then each host's
-     commands in order (`ip netns exec NS sh -c CMD`, with `tunl` on PATH); then each
-     container: a namespace tl-<lab>-<host>-<container> whose eth0 is a veth into the host's
-     bridge, with a default route via the gateway. Any failure, Ctrl-C included, tears the
-     whole lab down before the error goes on.
-down: end the processes in each of the lab's namespaces, then delete the namespaces (which
-     takes their links with them). Idempotent: a lab that is not up gives an empty report
-     (`tunl lab down` says so, and exits 1).
+     commands in order (`ip netns exec NS sh -c CMD`, with `tunl` on PATH); then, for a lab
+     with a [mesh], its registry and an agent per member, until every member routes to every
+     other (mesh.py); then each container: a namespace tl-<lab>-<host>-<container> whose eth0
+     is a veth into the host's bridge, with a default route via the gateway. Any failure,
+     Ctrl-C included, tears the whole lab down before the error goes on.
+down: end the processes in each of the lab's namespaces (a mesh's agents and etcd members
+     among them), then delete the namespaces (which takes their links with them), then the
+     lab's run dir (a mesh's registry and logs). Idempotent: a lab that is not up gives an
+     empty report (`tunl lab down` says so, and exits 1).
 """
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import netns
 from .netns import LabError
-from .topology import BRIDGE, UNDERLAY, Host, Topology, ns_prefix, split_ns
+from .topology import BRIDGE, UNDERLAY, Host, Topology, ns_prefix, run_dir, split_ns
+
+if TYPE_CHECKING:
+    from .mesh import MeshLab
 
 COMMAND_TIMEOUT = 60.0      # seconds for one of a host's commands
 
@@ -46,23 +53,30 @@ def lab_namespaces(lab: str) -> list[str]:
     return [ns for ns in netns.list_ns() if ns.startswith(prefix)]
 
 
-def up(topo: Topology, *, log: Log = _quiet, timeout: float = COMMAND_TIMEOUT) -> None:
-    """Build the lab; on any failure (or KeyboardInterrupt) tear it down and re-raise."""
+def check_not_up(topo: Topology) -> None:
+    """LabError when a lab of that name is up; nothing was created, so nothing is torn down:
+    those namespaces are not ours."""
     existing = lab_namespaces(topo.name)
     if existing:
-        # nothing was created, so nothing is torn down: these namespaces are not ours
         shown = topo.ns_underlay if topo.ns_underlay in existing else existing[0]
         raise LabError(f'lab "{topo.name}" is already up (namespace {shown} exists):'
                        " run `tunl lab down FILE` first")
+
+
+def up(topo: Topology, *, log: Log = _quiet,
+       timeout: float = COMMAND_TIMEOUT) -> "MeshLab | None":
+    """Build the lab; on any failure (or KeyboardInterrupt) tear it down and re-raise. Returns
+    the running mesh of a lab with a [mesh], else None."""
+    check_not_up(topo)
     try:
-        _build(topo, log, timeout)
+        return _build(topo, log, timeout)
     except BaseException:
         with uninterrupted():
             down(topo.name)
         raise
 
 
-def _build(topo: Topology, log: Log, timeout: float) -> None:
+def _build(topo: Topology, log: Log, timeout: float) -> "MeshLab | None":
     mtu = str(topo.underlay.mtu)
     ul = topo.ns_underlay
     log(f"[{UNDERLAY}] namespace {ul}, bridge {BRIDGE} mtu {mtu}")
@@ -83,6 +97,12 @@ def _build(topo: Topology, log: Log, timeout: float) -> None:
                 raise LabError(f'host "{h.name}": command "{cmd}" failed (exit {r.returncode})'
                                + (f": {why}" if why else ""))
             _echo(log, h.name, r)
+    running = None
+    if topo.mesh is not None:
+        from . import mesh
+        running = mesh.start(topo, log)
+    for h in topo.hosts:
+        ns = topo.ns_host(h)
         for c in h.containers:
             with _about(h, c.name):
                 cns = topo.ns_container(h, c)
@@ -96,6 +116,7 @@ def _build(topo: Topology, log: Log, timeout: float) -> None:
                 netns.ip("link", "set", "eth0", "up", ns=cns)
                 netns.ip("link", "set", "lo", "up", ns=cns)
                 netns.ip("route", "add", "default", "via", str(c.gateway), ns=cns)
+    return running
 
 
 def _build_host(topo: Topology, h: Host, mtu: str, log: Log) -> None:
@@ -154,6 +175,9 @@ def down(lab: str, *, log: Log = _quiet) -> DownReport:
     for ns in names:
         log(f"{ns}: deleted")
         netns.delete(ns)
+    if os.path.isdir(run_dir(lab)):
+        log(f"{run_dir(lab)}: removed")
+        shutil.rmtree(run_dir(lab), ignore_errors=True)
     return DownReport(tuple(names), ended)
 
 

@@ -29,9 +29,11 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from typing import TextIO
 
 from . import control, netns, pcap
+from .mesh import RTPROT_TUNL, MeshLab, log_tail
 from .dissect import TUNNEL_PROTOS, dissect, show_address
 from .netns import LabError
 from .topology import BRIDGE, Host, Topology
@@ -42,6 +44,7 @@ PING_WAIT = "2"               # seconds to wait for each reply (ping -W)
 CAPTURE_START = 5.0           # seconds for tcpdump to say it is listening
 CAPTURE_DRAIN = 1.0           # seconds for the last packets to reach tcpdump
 SHOW = None                   # captured packets printed: None for one per flow and direction
+CONVERGE_AGAIN = 30.0         # seconds for a mesh member that comes back to be routed again
 
 _IHL = "(ip[0] & 0xf) * 4"                                    # the outer header's length
 # the GRE header's length: 4, and 4 more for each of the C, K and S bits (RFC 2890 §2)
@@ -102,6 +105,13 @@ def plan(topo: Topology) -> list[tuple[Host, Host, str]]:
 
 def check(topo: Topology, pcap_path: str | None = None) -> None:
     """What would make the demo fail after bringing the lab up, said before it does."""
+    if topo.mesh is not None:
+        if len(topo.members) < 2:
+            raise LabError(f'demo: the mesh of lab "{topo.name}" has one member, so nothing to'
+                           " ping (the demo pings every member from every other)")
+        if pcap_path is not None:
+            raise LabError(f"demo: --pcap {pcap_path}: the demo of a mesh captures nothing")
+        return
     if not plan(topo):
         raise LabError(f'demo: lab "{topo.name}" has one host, so nothing to ping (the demo'
                        " pings the targets of every other host)")
@@ -345,8 +355,13 @@ def run(topo: Topology, out: TextIO, *, pcap_path: str | None = None, show: int 
     check(topo, pcap_path)
     if shutil.which("ping") is None:
         raise LabError("ping: not found (install iputils-ping)")
+    if topo.mesh is not None:
+        if show is not None:
+            raise LabError(f"demo: --show {show}: the demo of a mesh captures nothing")
+        return run_mesh(topo, out, log=log)
     if shutil.which("tcpdump") is None:
         raise LabError("tcpdump: not found (install tcpdump)")
+    control.check_not_up(topo)        # before the try: a lab of that name that is up is not ours
     tmpdir = None
     if pcap_path is None:
         tmpdir = tempfile.mkdtemp(prefix="tunl-lab-")
@@ -402,3 +417,168 @@ def run(topo: Topology, out: TextIO, *, pcap_path: str | None = None, show: int 
                 print(f"lab {topo.name}: down", file=out, flush=True)
             if tmpdir:
                 shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+# -- the demo of a mesh ------------------------------------------------------------------------
+
+def pick_victim(members: list[Host]) -> Host:
+    """The member the demo kills: the middle one (C of A..E), never the first."""
+    return members[len(members) // 2]
+
+
+def ping_matrix(names: list[str], results: dict[tuple[str, str], PingResult]) -> list[str]:
+    """Lines of a from x to matrix of the average rtt in ms ("-" on the diagonal, "no reply"
+    where there was none)."""
+    def cell(a: str, b: str) -> str:
+        if a == b:
+            return "-"
+        r = results.get((a, b))
+        if r is None:
+            return ""
+        return f"{r.rtt[1]:.3f}" if r.ok and r.rtt else "no reply"
+    width = max([len("no reply"), *(len(n) for n in names)])
+    head = "from \\ to"
+    first = max(len(head), *(len(n) for n in names))
+    lines = [head.ljust(first) + "".join(n.rjust(width + 2) for n in names)]
+    for a in names:
+        lines.append(a.ljust(first) + "".join(cell(a, b).rjust(width + 2) for b in names))
+    return lines
+
+
+def ping_all(topo: Topology, running: MeshLab) -> dict[tuple[str, str], PingResult]:
+    """Every member pings every other member's bridge gateway (the subnet's .1), all at once."""
+    states = running.states()
+    pairs = []
+    for a in running.members:
+        for b in running.members:
+            subnet = states[b.name].subnet
+            if a is not b and subnet is not None:
+                pairs.append((a, b, str(subnet.network_address + 1)))
+    with ThreadPoolExecutor(max_workers=max(1, len(pairs))) as pool:
+        futures = {(a.name, b.name): pool.submit(ping, topo.ns_host(a), target)
+                   for a, b, target in pairs}
+    results = {k: f.result() for k, f in futures.items()}
+    for a in running.members:                       # a member without a subnet: no reply
+        for b in running.members:
+            if a is not b and (a.name, b.name) not in results:
+                results[(a.name, b.name)] = PingResult(1, error=f"{b.name} has no subnet")
+    return results
+
+
+def _print_pings(out: TextIO, running: MeshLab, results) -> bool:
+    names = [h.name for h in running.members]
+    for line in ping_matrix(names, results):
+        print("  " + line, file=out)
+    failed = [k for k, r in results.items() if not r.ok]
+    if failed:
+        print(f"  {len(failed)} of {len(results)} pairs had no reply: "
+              + ", ".join(f"{a}->{b}" for a, b in failed), file=out)
+    else:
+        print(f"  all {len(results)} pairs answered", file=out)
+    return not failed
+
+
+def _print_tails(out: TextIO, running: MeshLab, names) -> None:
+    for name in names:
+        print(f"  end of {running.agent_log(name)}:", file=out)
+        for line in log_tail(running.agent_log(name)):
+            print(f"    {line}", file=out)
+
+
+def run_mesh(topo: Topology, out: TextIO, *, log: control.Log = control._quiet) -> int:
+    """Up (the members join), every pair pings, one member's agent is killed and the member
+    taken off the underlay, its routes go from every other member within 2 x ttl, it comes
+    back with the same subnet, every pair pings again; down. 0 when all of that held."""
+    mesh = topo.mesh
+    assert mesh is not None
+    members = list(topo.members)
+    t_demo = time.monotonic()
+    ok = True
+    running = None
+    control.check_not_up(topo)        # before the try: a lab of that name that is up is not ours
+    try:
+        hosts, joining = _n(len(topo.hosts), "host"), _n(len(members), "mesh member")
+        print(f"lab {topo.name}: up ({hosts}, {joining}); mesh {mesh.network}, subnet-len"
+              f" {mesh.subnet_len}, mode {mesh.mode}, registry {mesh.registry}, ttl {mesh.ttl} s",
+              file=out, flush=True)
+        running = control.up(topo, log=log)
+        assert running is not None
+        joined = running.joined_in
+        print(f"joined: every member routes to every other {joined:.2f} s after the agents"
+              f" started (registry {running.url})", file=out)
+        states = running.states()
+        rows = [("node", "underlay", "subnet", "gateway")]
+        for h in members:
+            subnet = states[h.name].subnet
+            rows.append((h.name, str(h.address.ip), str(subnet),
+                         str(subnet.network_address + 1) if subnet else "-"))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        for r in rows:
+            print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3],
+                  file=out)
+        first = members[0]
+        r = netns.run(["ip", "-n", topo.ns_host(first), "route", "show", "proto", RTPROT_TUNL],
+                      timeout=10)
+        print(f"{first.name}: ip route show proto {RTPROT_TUNL}", file=out)
+        for line in r.stdout.splitlines():
+            print(f"  {line.rstrip()}", file=out)
+        print(f"\nping -c {PING_COUNT} -i {PING_INTERVAL} from every member to every other"
+              " member's gateway (avg rtt, ms):", file=out, flush=True)
+        ok &= _print_pings(out, running, ping_all(topo, running))
+
+        victim = pick_victim(members)
+        others = [h for h in members if h is not victim]
+        old = states[victim.name].subnet
+        limit = 2 * mesh.ttl
+        ns = topo.ns_host(victim)
+        t0 = time.monotonic()
+        pid = running.kill_agent(victim)
+        netns.ip("link", "set", "eth0", "down", ns=ns)
+        print(f"\n{victim.name}: kill -9 its agent (pid {pid}), eth0 down", file=out, flush=True)
+        gone = running.wait_gone(old, others, t0, limit + 2.0)
+        print(f"  {victim.name}'s route to {old} gone from "
+              + ", ".join(f"{n} after {t:.2f} s" if t is not None else f"{n}: still there"
+                          for n, t in gone.items()), file=out)
+        late = [n for n, t in gone.items() if t is None or t > limit]
+        worst = max((t for t in gone.values() if t is not None), default=None)
+        if late:
+            ok = False
+            print(f"  not gone within 2 x ttl = {limit} s from {', '.join(late)}", file=out)
+            _print_tails(out, running, late)
+        else:
+            print(f"  gone everywhere {worst:.2f} s after the kill (limit 2 x ttl = {limit} s)",
+                  file=out)
+
+        print(f"\n{victim.name}: eth0 up, its agent started again", file=out, flush=True)
+        netns.ip("link", "set", "eth0", "up", ns=ns)
+        t1 = time.monotonic()
+        running.start_agent(victim)
+        try:
+            rejoined = running.wait_whole(t1, CONVERGE_AGAIN)
+        except LabError as e:
+            print(f"  {e}", file=out)
+            _print_tails(out, running, [victim.name])
+            return 1
+        new = running.states([victim])[victim.name].subnet
+        same = new == old
+        ok &= same
+        print(f"  {victim.name} leased {new} (before: {old}): "
+              + ("the same subnet" if same else "ANOTHER subnet"), file=out)
+        print(f"  every member routes to every other again {rejoined:.2f} s after the restart",
+              file=out)
+        print("\nping again (avg rtt, ms):", file=out, flush=True)
+        ok &= _print_pings(out, running, ping_all(topo, running))
+
+        gone_text = f"{worst:.2f} s" if worst is not None and not late else "NOT within limit"
+        print(f"\ntimings: join {joined:.2f} s; {victim.name}'s routes gone {gone_text} (limit"
+              f" {limit} s); rejoin {rejoined:.2f} s; demo"
+              f" {time.monotonic() - t_demo:.1f} s", file=out)
+        print("mesh demo: " + ("every check held" if ok else "FAILED"), file=out)
+        return 0 if ok else 1
+    finally:
+        with control.uninterrupted():
+            report = control.down(topo.name, log=log)
+            if running is not None:
+                running.reap()
+            if report.namespaces:
+                print(f"lab {topo.name}: down", file=out, flush=True)

@@ -2,8 +2,12 @@
 
     with EtcdCluster(3, workdir) as c:        # members m0 m1 m2, each a subprocess of ours
         store_url = c.url                     # etcd://127.0.0.1:p0,127.0.0.1:p1,127.0.0.1:p2
-        c.kill_member(0)                      # SIGKILL: the member dies as on a power loss
+        c.kill_member(c.leader())             # SIGKILL: the member dies as on a power loss
         c.start_member(0)                     # back with the same data dir, rejoining
+        c.stop_member(1)                      # SIGTERM, as a person stops it
+
+EtcdCluster(1, workdir) is a single member; stop() then start() brings a cluster back from its
+data dirs (a registry that was down).
 
 Every member logs to <workdir>/<name>.log and keeps its data in <workdir>/<name>.etcd. The
 raft timing is shortened (heartbeat 50 ms, election 500 ms) so that the cluster elects a new
@@ -23,6 +27,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -56,11 +61,14 @@ def _pick_ports(host: str, count: int) -> list[int]:
 
 
 class EtcdCluster:
-    def __init__(self, size: int = 3, workdir: str = ".", host: str = "127.0.0.1",
+    def __init__(self, size: int = 3, workdir: str | None = None, host: str = "127.0.0.1",
                  base_port: int | None = None, etcd: str = ETCD):
+        """`workdir` None: a new directory under /tmp, left there (logs) after stop().
+        `base_port`: client ports from it on, then the peer ports; None: free ones at random."""
         if size < 1:
             raise ValueError(f"etcd cluster size {size}: a cluster has at least one member")
-        self.size, self.workdir, self.host, self.etcd = size, workdir, host, etcd
+        self.workdir = workdir or tempfile.mkdtemp(prefix="tunl-etcd-")
+        self.size, self.host, self.etcd = size, host, etcd
         self._fixed = base_port
         self.names = [f"m{i}" for i in range(size)]
         self.token = f"tunl-lab-{uuid.uuid4().hex[:12]}"
@@ -142,19 +150,23 @@ class EtcdCluster:
     def wait_healthy(self, members: list[int] | None = None,
                      within: float = HEALTHY_WITHIN) -> None:
         """Until every member named answers /health with true; LabError with its log's tail
-        when one exits or does not within `within` seconds."""
+        as soon as one has exited, or when one is not healthy within `within` seconds."""
         deadline = time.monotonic() + within
-        for i in range(self.size) if members is None else members:
-            while not self.healthy(i):
+        waiting = list(range(self.size)) if members is None else list(members)
+        while waiting:
+            for i in list(waiting):
                 p = self._procs[i]
                 if p is None or p.poll() is not None:
                     code = "never started" if p is None else f"exit {p.returncode}"
                     raise LabError(f"etcd {self.names[i]} ({self.client_urls[i]}) stopped "
                                    f"({code}); end of {self.log_path(i)}:\n{self.tail(i)}")
-                if time.monotonic() > deadline:
-                    raise LabError(f"etcd {self.names[i]} ({self.client_urls[i]}) not healthy "
-                                   f"after {within:g} s; end of {self.log_path(i)}:\n"
-                                   f"{self.tail(i)}")
+                if self.healthy(i):
+                    waiting.remove(i)
+            if waiting and time.monotonic() > deadline:
+                i = waiting[0]
+                raise LabError(f"etcd {self.names[i]} ({self.client_urls[i]}) not healthy "
+                               f"after {within:g} s; end of {self.log_path(i)}:\n{self.tail(i)}")
+            if waiting:
                 time.sleep(0.05)
 
     def start(self) -> "EtcdCluster":
@@ -169,7 +181,8 @@ class EtcdCluster:
                 self.wait_healthy()
                 return self
             except LabError as e:
-                self.stop()
+                for i in range(self.size):      # a failed start: nothing worth a clean stop
+                    self.kill_member(i)
                 taken = "address already in use" in str(e)
                 if not (taken and fresh and self._fixed is None and attempt < 2):
                     raise
@@ -204,9 +217,8 @@ class EtcdCluster:
             p.wait()
 
     def stop(self) -> None:
-        for p in self._procs:
-            if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+        """Every member, one after the other: SIGTERM to all at once makes the leader hand
+        over to a member that is going too, and wait seconds for it."""
         for i in range(self.size):
             self.stop_member(i)
 

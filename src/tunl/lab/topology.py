@@ -25,6 +25,24 @@ A file looks like this (see examples/):
     gateway = "10.42.1.1"
     bridge = "mybr0"
 
+An overlay that builds itself (`tunl mesh`), instead of commands that build it by hand:
+
+    [mesh]                          # optional
+    network = "10.42.0.0/16"        # the overlay's network; each member leases a subnet of it
+    subnet_len = 24                 # optional: the length of a member's subnet
+    mode = "ipip"                   # optional: ipip or gre
+    registry = "sqlite"             # optional: sqlite (a file under the lab's run dir), or etcd
+                                    # (a 3-member cluster the lab runs in its underlay
+                                    # namespace, on etcd_address)
+    ttl = 4                         # optional: seconds of a lease; a dead member's routes are
+                                    # gone within twice that
+    etcd_address = "172.16.255.254" # optional, etcd only: where its members listen (default:
+                                    # the underlay's last address), on br0 of the underlay
+
+Every host is a member (runs `tunl mesh agent`) unless it says `mesh = false`. A member's
+subnet is leased at `lab up`, so the file gives it no ping_target (the demo pings each
+member's bridge gateway) and no container on the mesh's bridge mybr0.
+
 Namespaces are `tl-<lab>-ul` (the underlay, with bridge br0), `tl-<lab>-<host>` and
 `tl-<lab>-<host>-<container>`. Lab, host and container names have no "-", so a namespace name
 says which lab it belongs to: every namespace that starts with `tl-<lab>-` is that lab's.
@@ -46,6 +64,21 @@ PORT_PREFIX = "ve-"          # host side: ve-<container>; underlay side: ve-<hos
 MAX_LAB_NAME = 24
 MAX_NODE_NAME = 12           # so that ve-<name> fits in IFNAMSIZ - 1 = 15 characters
 DEFAULT_MTU = 1500
+RUN_DIR = "/run/tunl/lab"    # a lab's run dir is RUN_DIR/<lab>: registry, logs of its agents
+
+# the mesh: what `tunl mesh agent` makes, and the lab's defaults (tunl.mesh is a layer above
+# the lab, so its constants are repeated here, not imported)
+# tunl.mesh.network.MODES without sit: a sit device carries IPv6 (proto 41) and drops the
+# IPv4 packets of the overlay's subnets (not_ipv6), so a sit mesh routes but never delivers
+MESH_MODES = ("ipip", "gre")
+MESH_REGISTRIES = ("sqlite", "etcd")
+MESH_DEV = "tunl0"                           # the agent's --dev
+MESH_BRIDGE = "mybr0"                        # the agent's --bridge
+MESH_SUBNET_LEN = 24
+MESH_TTL = 20                                # the agent's default --ttl
+MESH_MIN_TTL = 2                             # the agent renews every TTL/4
+MAX_SUBNET_LEN = 30                          # a subnet needs its .0 (tunnel) and .1 (bridge)
+ETCD_MEMBERS = 3
 
 _NAME = re.compile(r"[A-Za-z0-9_]+\Z")
 
@@ -60,6 +93,11 @@ def ns_host(lab: str, host: str) -> str:
 
 def ns_container(lab: str, host: str, container: str) -> str:
     return f"{PREFIX}{lab}-{host}-{container}"
+
+
+def run_dir(lab: str) -> str:
+    """Where a lab keeps what lives as long as it does: its mesh registry, its agents' logs."""
+    return f"{RUN_DIR}/{lab}"
 
 
 def ns_prefix(lab: str) -> str:
@@ -106,6 +144,7 @@ class Host:
     ping_targets: tuple[PingTarget, ...]     # at least one; `ping_target` in the file
     commands: tuple[str, ...] = ()
     containers: tuple[Container, ...] = ()
+    mesh: bool = False                       # runs a mesh agent
 
     @property
     def port(self) -> str:
@@ -114,10 +153,35 @@ class Host:
 
 
 @dataclass(frozen=True)
+class Mesh:
+    network: IPv4Network
+    subnet_len: int = MESH_SUBNET_LEN
+    mode: str = "ipip"
+    registry: str = "sqlite"
+    ttl: int = MESH_TTL
+    etcd_address: IPv4Address | None = None   # registry "etcd": where its members listen
+
+    @property
+    def subnets(self) -> int:
+        """How many subnets members may lease: all but the first (tunl mesh's IPAM)."""
+        return (1 << (self.subnet_len - self.network.prefixlen)) - 1
+
+
+@dataclass(frozen=True)
 class Topology:
     name: str
     underlay: Underlay
     hosts: tuple[Host, ...] = field(default=())
+    mesh: Mesh | None = None
+
+    @property
+    def members(self) -> tuple[Host, ...]:
+        """The hosts that run a mesh agent, in the file's order."""
+        return tuple(h for h in self.hosts if h.mesh)
+
+    @property
+    def run_dir(self) -> str:
+        return run_dir(self.name)
 
     @property
     def ns_underlay(self) -> str:
@@ -189,7 +253,7 @@ def check_lab_name(name) -> str:
 
 def parse(data: dict) -> Topology:
     """Validate decoded TOML; the first broken rule raises ConfigError naming the field."""
-    _keys(data, "", required={"name", "underlay", "host"}, optional=set())
+    _keys(data, "", required={"name", "underlay", "host"}, optional={"mesh"})
     name = check_lab_name(data["name"])
     underlay = _parse_underlay(data["underlay"])
     hosts_raw = data["host"]
@@ -197,11 +261,14 @@ def parse(data: dict) -> Topology:
         raise ConfigError("host: is a list of tables ([[host]])")
     if not hosts_raw:
         raise ConfigError("host: a lab has at least one host")
+    mesh = _parse_mesh(data["mesh"], underlay) if "mesh" in data else None
     hosts: list[Host] = []
     for i, raw in enumerate(hosts_raw):
-        hosts.append(_parse_host(raw, i, underlay))
+        hosts.append(_parse_host(raw, i, underlay, mesh is not None))
     _check_unique(hosts)
-    return Topology(name, underlay, tuple(hosts))
+    if mesh is not None:
+        mesh = _check_mesh(mesh, underlay, hosts)
+    return Topology(name, underlay, tuple(hosts), mesh)
 
 
 def _parse_underlay(raw) -> Underlay:
@@ -223,7 +290,7 @@ def _parse_underlay(raw) -> Underlay:
     return Underlay(net, mtu)
 
 
-def _parse_host(raw: dict, index: int, underlay: Underlay) -> Host:
+def _parse_host(raw: dict, index: int, underlay: Underlay, meshed: bool = False) -> Host:
     if "name" not in raw:
         raise ConfigError(f"host #{index + 1}: name: missing")
     name = _node_name(raw["name"], f"host #{index + 1}: name")
@@ -231,7 +298,16 @@ def _parse_host(raw: dict, index: int, underlay: Underlay) -> Host:
         raise ConfigError(f'host "{name}": the name "{UNDERLAY}" is the underlay\'s')
     where = f'host "{name}": '
     _keys(raw, where, required={"name", "address"},
-          optional={"ping_target", "commands", "container"})
+          optional={"ping_target", "commands", "container", "mesh"})
+    member = raw.get("mesh", meshed)
+    if not isinstance(member, bool):
+        raise ConfigError(f"{where}mesh {_show(member)} is not true or false")
+    if member and not meshed:
+        raise ConfigError(f"{where}mesh = true, but the file has no [mesh] table")
+    if member and "ping_target" in raw:
+        raise ConfigError(f"{where}ping_target: a mesh member is pinged at its subnet's gateway,"
+                          " which it leases at `lab up`; leave ping_target out (or say"
+                          " mesh = false)")
     address = _interface(raw["address"], where + "address")
     if address.ip not in underlay.cidr:
         raise ConfigError(f'{where}address "{address}" is not in the underlay cidr'
@@ -254,7 +330,11 @@ def _parse_host(raw: dict, index: int, underlay: Underlay) -> Host:
         if c.name in seen:
             raise ConfigError(f'{where}container "{c.name}": the name is used twice')
         seen.add(c.name)
-    return Host(name, address, targets, tuple(commands), containers)
+        if member and c.bridge == MESH_BRIDGE:
+            raise ConfigError(f'{where}container "{c.name}": bridge "{c.bridge}" is the mesh\'s,'
+                              " whose subnet the host leases at `lab up`: no address in the"
+                              " file can be known to be in it")
+    return Host(name, address, targets, tuple(commands), containers, member)
 
 
 def _parse_container(raw: dict, index: int, where: str) -> Container:
@@ -276,6 +356,88 @@ def _parse_container(raw: dict, index: int, where: str) -> Container:
         raise ConfigError(f"{where}bridge: {_show(bridge)} is not a string")
     check_ifname(bridge, f"{where}bridge")
     return Container(name, address, gateway, bridge)
+
+
+def _parse_mesh(raw, underlay: Underlay) -> Mesh:
+    """The [mesh] table, each key on its own; _check_mesh then checks it against the hosts."""
+    if not isinstance(raw, dict):
+        raise ConfigError("mesh: is a table ([mesh]) with network, subnet_len, mode, registry"
+                          " and ttl")
+    where = "mesh: "
+    _keys(raw, where, required={"network"},
+          optional={"subnet_len", "mode", "registry", "ttl", "etcd_address"})
+    text = raw["network"]
+    try:
+        if not isinstance(text, str):
+            raise ValueError
+        network = IPv4Network(text, strict=True)
+    except ValueError:
+        raise ConfigError(f"{where}network {_show(text)} is not an IPv4 network"
+                          " (address/prefix with no host bits set)") from None
+    if network.overlaps(underlay.cidr):
+        raise ConfigError(f"{where}network {network} overlaps the underlay cidr {underlay.cidr}"
+                          " (the overlay's routes would take the underlay's addresses)")
+    subnet_len = raw.get("subnet_len", MESH_SUBNET_LEN)
+    if (not isinstance(subnet_len, int) or isinstance(subnet_len, bool)
+            or not network.prefixlen < subnet_len <= MAX_SUBNET_LEN):
+        raise ConfigError(f"{where}subnet_len {_show(subnet_len)} is not a number from"
+                          f" {network.prefixlen + 1} to {MAX_SUBNET_LEN} (longer than the"
+                          f" network's /{network.prefixlen}; a subnet needs its .0 and .1)")
+    mode = raw.get("mode", "ipip")
+    if mode == "sit":
+        raise ConfigError(f'{where}mode "sit" carries IPv6, and the overlay\'s subnets are IPv4:'
+                          f" a sit mesh would drop every packet ({', '.join(MESH_MODES)} carry"
+                          " IPv4)")
+    if mode not in MESH_MODES:
+        raise ConfigError(f"{where}mode {_show(mode)} is not an overlay mode"
+                          f" ({', '.join(MESH_MODES)})")
+    registry = raw.get("registry", "sqlite")
+    if registry not in MESH_REGISTRIES:
+        raise ConfigError(f"{where}registry {_show(registry)} is not a registry the lab runs"
+                          f" ({', '.join(MESH_REGISTRIES)})")
+    ttl = raw.get("ttl", MESH_TTL)
+    if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < MESH_MIN_TTL:
+        raise ConfigError(f"{where}ttl {_show(ttl)} is not a number of seconds of at least"
+                          f" {MESH_MIN_TTL} (a lease is renewed every ttl/4)")
+    etcd_address = None
+    if "etcd_address" in raw:
+        if registry != "etcd":
+            raise ConfigError(f'{where}etcd_address: only for registry "etcd" (this mesh\'s'
+                              f' registry is "{registry}")')
+        etcd_address = _address(raw["etcd_address"], where + "etcd_address")
+        if etcd_address not in underlay.cidr:
+            raise ConfigError(f'{where}etcd_address "{etcd_address}" is not in the underlay'
+                              f" cidr {underlay.cidr} (the hosts reach etcd over the underlay)")
+        _usable(IPv4Interface((etcd_address, underlay.cidr.prefixlen)), where + "etcd_address")
+    return Mesh(network, subnet_len, mode, registry, ttl, etcd_address)
+
+
+def _check_mesh(mesh: Mesh, underlay: Underlay, hosts: list[Host]) -> Mesh:
+    members = [h for h in hosts if h.mesh]
+    if not members:
+        raise ConfigError("mesh: no host is a member (every host says mesh = false)")
+    if mesh.subnets < len(members):
+        raise ConfigError(f"mesh: subnet_len {mesh.subnet_len} gives {mesh.network}"
+                          f" {mesh.subnets} subnet{'s' * (mesh.subnets != 1)} to lease (the"
+                          f" first is never leased), fewer than its {len(members)} members")
+    if mesh.registry != "etcd":
+        return mesh
+    address, given = mesh.etcd_address, mesh.etcd_address is not None
+    if address is None:
+        net = underlay.cidr
+        if net.prefixlen > 30:
+            raise ConfigError(f"mesh: the underlay cidr {net} has no room for etcd: give"
+                              " etcd_address")
+        address = net.broadcast_address - 1
+    for h in hosts:
+        if h.address.ip == address:
+            if given:
+                raise ConfigError(f'mesh: etcd_address "{address}" is host "{h.name}"\'s'
+                                  " address")
+            raise ConfigError(f"mesh: etcd listens on {address} (the underlay's last address)"
+                              f' by default, which is host "{h.name}"\'s: choose another with'
+                              " etcd_address")
+    return Mesh(mesh.network, mesh.subnet_len, mesh.mode, mesh.registry, mesh.ttl, address)
 
 
 def _check_unique(hosts: list[Host]) -> None:

@@ -8,19 +8,39 @@ from __future__ import annotations
 
 import json
 import queue
+import socket
 import threading
 import time
 from typing import Callable
 
 import requests
 from etcd3gw.client import Etcd3Client
-from etcd3gw.exceptions import Etcd3Exception
+from etcd3gw.exceptions import (ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception,
+                                 InternalServerError)
 from etcd3gw.utils import _decode, _encode
 
 from .store import CompactedError, Entry, Event, RegistryError
 
 TIMEOUT = 1.0            # seconds for one request to one endpoint
-WATCH_READ = 30.0        # the stream carries progress notices more often than this
+WATCH_READ = 30.0        # a stream quiet this long is opened again (etcd notifies progress
+                         # only every 10 minutes by default)
+
+
+# the gateway's answers that say "not this member, not now": try the next endpoint
+UNAVAILABLE = (ConnectionFailedError, ConnectionTimeoutError, InternalServerError)
+
+
+def _why(e: Etcd3Exception) -> str:
+    """etcd's own words (the gateway's {"error": ...}), else what failed on the way."""
+    try:
+        return str(json.loads(e.detail_text)["error"])
+    except (TypeError, ValueError, KeyError):
+        pass
+    if isinstance(e, ConnectionFailedError):
+        return "no connection"
+    if isinstance(e, ConnectionTimeoutError):
+        return f"no answer within {TIMEOUT:g} s"
+    return str(e) or type(e).__name__
 
 
 def _range_end(prefix: str) -> str:
@@ -40,19 +60,26 @@ class EtcdStore:
         self.requests = 0          # requests sent, for the benchmark's operations per renewal
 
     def _post(self, path: str, body: dict) -> dict:
-        """One request, to the current endpoint or, when it fails, to each of the others."""
+        """One request, to the current endpoint or, when it cannot answer (no connection, a
+        timeout, no leader), to each of the others. An answer that refuses the request (a lease
+        not found, a compacted revision) is etcd's word for the whole cluster: raised at once."""
         errors = []
         with self._lock:
             start = self._current
         for i in range(len(self._clients)):
             n = (start + i) % len(self._clients)
             client = self._clients[n]
+            where = f"{self.endpoints[n][0]}:{self.endpoints[n][1]}"
             try:
                 self.requests += 1
                 answer = client.post(client.get_url(path), json=body)
+            except UNAVAILABLE as e:
+                errors.append(f"{where}: {_why(e)}")
+                continue
             except Etcd3Exception as e:
-                errors.append(f"{self.endpoints[n][0]}:{self.endpoints[n][1]}: "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+                raise RegistryError(f"registry {self.url}: {path}: {_why(e)}") from e
+            except (requests.RequestException, ValueError) as e:   # broken off, not JSON
+                errors.append(f"{where}: {type(e).__name__}")
                 continue
             if n != start:
                 with self._lock:
@@ -106,14 +133,15 @@ class EtcdStore:
         return float(ttl) if ttl > 0 else None
 
     def ttl(self, lease: int) -> float | None:
-        ttl = int(self._post("/kv/lease/timetolive", {"ID": lease}).get("TTL", -1))
+        # -1: no such lease; an absent TTL is 0 (the gateway leaves zeros out): under a second
+        ttl = int(self._post("/kv/lease/timetolive", {"ID": lease}).get("TTL", 0))
         return float(ttl) if ttl >= 0 else None
 
     def revoke(self, lease: int) -> None:
         try:
             self._post("/kv/lease/revoke", {"ID": lease})
         except RegistryError as e:
-            if "not found" not in str(e):
+            if "lease not found" not in str(e):      # gone already: what revoke wants
                 raise
 
     def claim(self, key: str, value: bytes, lease: int, mod_rev: int) -> bool:
@@ -173,6 +201,9 @@ class EtcdWatch:
         while not self._closed.is_set():
             try:
                 self._response = self._open()
+                if self._closed.is_set():        # closed while opening: close() may have missed it
+                    self._response.close()
+                    return
                 for line in self._response.iter_lines(chunk_size=None):
                     if self._closed.is_set():
                         return
@@ -216,6 +247,7 @@ class EtcdWatch:
         except queue.Empty:
             return []
         if isinstance(item, Exception):
+            self._queue.put(item)      # the watch has ended: every later get() says so too
             raise item
         out = list(item)
         while True:       # whatever else is already there, in one batch
@@ -231,8 +263,14 @@ class EtcdWatch:
     def close(self) -> None:
         self._closed.set()
         resp = self._response
-        if resp is not None:
-            try:
-                resp.close()
-            except Exception:
-                pass
+        if resp is None:
+            return
+        # Shut the socket down first: the reading thread sits in recv() holding the stream's
+        # lock, and resp.close() alone would wait for it, up to WATCH_READ seconds.
+        sock = getattr(getattr(resp.raw, "connection", None), "sock", None)
+        try:
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+            resp.close()
+        except (OSError, requests.RequestException):
+            pass

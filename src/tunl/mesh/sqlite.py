@@ -67,12 +67,17 @@ class SqliteStore:
                 raise RegistryError(f"registry {self.url}: {e}") from e
 
     def _read(self, fn):
+        """fn in one read transaction, a snapshot: list's entries and revision agree even while
+        another process writes between its two SELECTs."""
         with self._lock:
             try:
-                if self._expired(self._db):
-                    pass
-                else:
-                    return fn(self._db)
+                db = self._db
+                db.execute("BEGIN")
+                try:
+                    if not self._expired(db):
+                        return fn(db)
+                finally:
+                    db.execute("COMMIT")
             except sqlite3.Error as e:
                 raise RegistryError(f"registry {self.url}: {e}") from e
         return self._write(fn)   # something expired: delete it (and log it) first
@@ -203,6 +208,10 @@ class SqliteStore:
     def compact(self, revision: int) -> None:
         """Forget the change log before `revision` (as `etcdctl compact`)."""
         def fn(db):
+            rev = db.execute("SELECT value FROM meta WHERE name = 'rev'").fetchone()[0]
+            if revision > rev:       # as etcd: "required revision is a future revision"
+                raise RegistryError(f"registry {self.url}: cannot compact at revision "
+                                    f"{revision}, after the store's {rev}")
             db.execute("DELETE FROM events WHERE rev < ?", (revision,))
             db.execute("UPDATE meta SET value = max(value, ?) WHERE name = 'compacted'",
                        (revision - 1,))
