@@ -7,6 +7,7 @@ since etcd3gw's watcher drops the compaction notice that says a watch must list 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 import queue
 import socket
 import threading
@@ -89,21 +90,30 @@ class EtcdStore:
             return answer
         raise RegistryError(f"registry {self.url}: no endpoint answers ({'; '.join(errors)})")
 
+    @contextmanager
+    def _shape(self, path: str, answer):
+        """An answer not shaped as etcd's: refused as the registry's fault, never a crash."""
+        try:
+            yield
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise RegistryError(f"registry {self.url}: {path} answered {answer!r:.120}, "
+                                f"not etcd's answer ({type(e).__name__})") from e
+
     @staticmethod
     def _entry(kv: dict) -> Entry:
         return Entry(_decode(kv["key"]).decode(), _decode(kv.get("value", "")),
                      int(kv.get("mod_revision", 0)), int(kv.get("lease", 0)))
 
     def get(self, key: str) -> Entry | None:
-        kvs = self._post("/kv/range", {"key": _encode(key)}).get("kvs") or []
-        return self._entry(kvs[0]) if kvs else None
+        r = self._post("/kv/range", {"key": _encode(key)})
+        with self._shape("/kv/range", r):
+            kvs = r.get("kvs") or []
+            return self._entry(kvs[0]) if kvs else None
 
     def list(self, prefix: str) -> tuple[list[Entry], int]:
         r = self._post("/kv/range", {"key": _encode(prefix), "range_end": _range_end(prefix)})
-        try:
+        with self._shape("/kv/range", r):
             return [self._entry(kv) for kv in r.get("kvs") or []], int(r["header"]["revision"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise RegistryError(f"registry {self.url}: range answered {r!r:.120}") from e
 
     def _txn_put(self, key: str, value: bytes, lease: int, mod_rev: int) -> bool:
         put = {"key": _encode(key), "value": _encode(value)}
@@ -113,7 +123,10 @@ class EtcdStore:
             "compare": [{"key": _encode(key), "result": "EQUAL", "target": "MOD",
                          "mod_revision": mod_rev}],
             "success": [{"request_put": put}]})
-        return bool(r.get("succeeded"))
+        with self._shape("/kv/txn", r):
+            if not isinstance(r.get("header"), dict):
+                raise KeyError("header")
+            return r.get("succeeded") is True
 
     def create(self, key: str, value: bytes) -> bool:
         return self._txn_put(key, value, 0, 0)
@@ -129,12 +142,17 @@ class EtcdStore:
 
     def keepalive(self, lease: int) -> float | None:
         r = self._post("/lease/keepalive", {"ID": lease})
-        ttl = int((r.get("result") or {}).get("TTL", 0))
+        with self._shape("/lease/keepalive", r):
+            ttl = int(r["result"].get("TTL", 0))
         return float(ttl) if ttl > 0 else None
 
     def ttl(self, lease: int) -> float | None:
         # -1: no such lease; an absent TTL is 0 (the gateway leaves zeros out): under a second
-        ttl = int(self._post("/kv/lease/timetolive", {"ID": lease}).get("TTL", 0))
+        r = self._post("/kv/lease/timetolive", {"ID": lease})
+        with self._shape("/kv/lease/timetolive", r):
+            if not isinstance(r.get("header"), dict):
+                raise KeyError("header")
+            ttl = int(r.get("TTL", 0))
         return float(ttl) if ttl >= 0 else None
 
     def revoke(self, lease: int) -> None:
@@ -208,7 +226,12 @@ class EtcdWatch:
                     if self._closed.is_set():
                         return
                     if line.strip():
-                        self._chunk(json.loads(line))
+                        try:
+                            self._chunk(json.loads(line))
+                        except (ValueError, KeyError, TypeError, AttributeError) as e:
+                            raise RegistryError(f"registry {self._store.url}: the watch "
+                                                f"stream carried {line[:80]!r}, not etcd's "
+                                                f"events") from e
             except CompactedError as e:
                 self._queue.put(e)
                 return
@@ -220,9 +243,11 @@ class EtcdWatch:
                 continue      # the stream broke: open it again where it stopped
 
     def _chunk(self, chunk: dict) -> None:
-        r = chunk.get("result") or {}
         if "error" in chunk:
             raise RegistryError(f"registry {self._store.url}: watch: {chunk['error']!r:.120}")
+        r = chunk["result"]             # every line of etcd's watch stream has one
+        if not isinstance(r, dict):
+            raise TypeError("result")
         if int(r.get("compact_revision", 0)):
             raise CompactedError(f"registry {self._store.url}: revision {self._next} is "
                                  f"compacted (etcd keeps from {r['compact_revision']})")
