@@ -25,7 +25,7 @@ from typing import Callable, Protocol
 from ..errors import TunlError
 from . import network as nw
 from .network import BadLeaseError, Lease, NetworkConfig
-from .plan import RTPROT_TUNL, Op, Route, plan
+from .plan import RTPROT_TUNL, Op, Route, apply, plan
 from .registry import Registry
 from .store import CompactedError, Event, RegistryError, Watch
 
@@ -34,6 +34,8 @@ log = logging.getLogger("tunl.mesh")
 DEFAULT_TTL = 20          # s: a dead node's routes are gone everywhere within 2 × TTL
 RESYNC = 10.0             # s between full resyncs (registry listed again, routes read again)
 RETRY = 0.25              # s between tries while the registry is down
+RELIST = 60.0             # s between full listings of the registry (the watch has the rest)
+LOG_EACH = 8              # more route changes than this at once: one summary line
 
 
 class Host(Protocol):
@@ -43,7 +45,8 @@ class Host(Protocol):
 
     def routes(self) -> set[Route]: ...
 
-    def apply(self, op: Op) -> None: ...
+    def apply(self, ops: list[Op]) -> list[tuple[Op, str]]:
+        """Carry out ops; the ones refused, each with why."""
 
 
 @dataclass
@@ -93,6 +96,8 @@ class Agent:
         self.watch: Watch | None = None
         self.next_renew = 0.0
         self.next_resync = 0.0
+        self.next_relist = 0.0
+        self.actual: set[Route] | None = None      # the routes as last read or programmed
         self.rng = random.Random()
 
     # -- registry ---------------------------------------------------------------------------
@@ -114,6 +119,7 @@ class Agent:
         self.keys = {self.registry.key(s): s for s in listing.leases}
         self._log_refused(listing.refused)
         self.revision = listing.revision
+        self.next_relist = self.clock() + RELIST
         if self.watch is not None:
             self.watch.close()
         self.watch = self.registry.store.watch(self.registry.subnets_prefix, self.revision + 1)
@@ -182,17 +188,29 @@ class Agent:
         return {Route(s, lease.public_ip, self.cfg.dev) for s, lease in self.leases.items()
                 if own is None or (s != own.subnet and lease.public_ip != own.public_ip)}
 
-    def reconcile(self) -> list[Op]:
+    def reconcile(self, read: bool = False) -> list[Op]:
+        """Plan against the routes as the agent last saw them (read from the kernel again when
+        `read`, at a resync, or after a change the kernel refused) and carry the plan out."""
         t0 = self.clock()
         desired = self.desired()
-        ops = plan(desired, self.host.routes())
-        for op in ops:
-            try:
-                self.host.apply(op)
-                log.info("%s", op)
-            except TunlError as e:
-                self.status.route_errors += 1
-                log.warning("%s: %s", op, e)
+        if read or self.actual is None:
+            self.actual = self.host.routes()
+        ops = plan(desired, self.actual)
+        try:
+            failed = self.host.apply(ops) if ops else []
+        except TunlError as e:
+            failed = [(op, str(e)) for op in ops]
+        for op, why in failed:
+            self.status.route_errors += 1
+            log.warning("%s: %s", op, why)
+        done = [op for op in ops if op not in {f for f, _ in failed}]
+        if len(done) > LOG_EACH:
+            verbs = [op.verb for op in done]
+            log.info("routes: %d added, %d replaced, %d deleted", verbs.count("add"),
+                     verbs.count("replace"), verbs.count("delete"))
+        for op in done:
+            (log.debug if len(done) > LOG_EACH else log.info)("%s", op)
+        self.actual = None if failed else apply(done, self.actual)
         took = self.clock() - t0
         self.status.peers = len(desired)
         self.status.routes = len(desired)
@@ -211,7 +229,7 @@ class Agent:
                 self.config = self.registry.config()
                 self._acquire()
                 self._relist()
-                self.reconcile()        # also removes this agent's stale routes
+                self.reconcile(read=True)       # also removes this agent's stale routes
                 self.next_resync = self.clock() + self.cfg.resync
                 return
             except RegistryError as e:
@@ -226,7 +244,7 @@ class Agent:
                 if self.status.lease is None or now >= self.next_renew:
                     self._renew()
                 self._check_own()
-                self.reconcile()
+                self.reconcile(read=True)
             except RegistryError as e:
                 self._down(e)
                 self.wait(RETRY)
@@ -242,10 +260,11 @@ class Agent:
             now = self.clock()
             if now >= self.next_renew:
                 self._renew()
-            if now >= self.next_resync:
-                self._relist()
-                self._check_own()
-                self.reconcile()
+            if now >= self.next_resync:      # the kernel read again; the registry listed
+                if now >= self.next_relist:   # again only now and then (the watch has it)
+                    self._relist()
+                    self._check_own()
+                self.reconcile(read=True)
                 self.next_resync = now + self.cfg.resync
         except CompactedError as e:
             log.info("%s; listing again", e)
@@ -283,7 +302,9 @@ class KernelHost:
     def __init__(self, dev: str, bridge: str, mode: str, dataplane: str = "auto"):
         from ..kernel.routes import HostNet
         self.dev, self.bridge, self.mode, self.dataplane = dev, bridge, mode, dataplane
+        from ..kernel.routes import RouteTable
         self.net = HostNet()
+        self.table = RouteTable(RTPROT_TUNL)
         self.made: dict[str, str] = {}
 
     def ensure_tunnel(self) -> str:
@@ -333,15 +354,32 @@ class KernelHost:
         return made
 
     def routes(self) -> set[Route]:
-        return {Route(dst, via, dev, onlink) for dst, via, dev, onlink in
-                self.net.routes(RTPROT_TUNL)}
+        found = self.table.dump()
+        names = {}
+        if any(oif != self.net.index(self.dev) for _, _, oif, _ in found):
+            names = self.net._names()
+        idx = self.net.index(self.dev)
+        return {Route(dst, via, self.dev if oif == idx else names.get(oif, f"if{oif}"), onlink)
+                for dst, via, oif, onlink in found}
 
-    def apply(self, op: Op) -> None:
-        r = op.route
-        self.net.route(op.verb, r.dst, r.via, r.dev, r.onlink, RTPROT_TUNL)
+    def apply(self, ops: list[Op]) -> list[tuple[Op, str]]:
+        index = {}
+        for op in ops:
+            dev = op.route.dev
+            if dev not in index:
+                index[dev] = self.net.index(dev)
+                if index[dev] is None and dev[:2] == "if" and dev[2:].isdigit():
+                    index[dev] = int(dev[2:])        # a device without a name now (routes())
+        failed = [(op, f'device "{op.route.dev}" does not exist') for op in ops
+                  if index[op.route.dev] is None]
+        todo = [op for op in ops if index[op.route.dev] is not None]
+        refused = self.table.apply([(op.verb, op.route.dst, op.route.via, index[op.route.dev],
+                                     op.route.onlink) for op in todo])
+        return failed + [(todo[i], os.strerror(code)) for i, code in refused]
 
     def close(self) -> None:
         self.net.close()
+        self.table.close()
 
 
 def public_ip(given: str | None, iface: str | None) -> IPv4Address:

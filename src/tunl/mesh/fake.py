@@ -32,12 +32,15 @@ class FakeHost:
     def routes(self) -> set[Route]:
         return set(self.table)
 
-    def apply(self, op: Op) -> None:
-        if op.route.dst in self.fail:
-            from ..errors import LinkError
-            raise LinkError(f"route {op.verb}", str(op.route.dst), 22)
-        self.ops.append(op)
-        self.table = apply([op], self.table)
+    def apply(self, ops: list[Op]) -> list[tuple[Op, str]]:
+        failed = []
+        for op in ops:
+            if op.route.dst in self.fail:
+                failed.append((op, "Invalid argument"))
+                continue
+            self.ops.append(op)
+            self.table = apply([op], self.table)
+        return failed
 
 
 class DownStore:
