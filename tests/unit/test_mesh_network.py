@@ -32,6 +32,7 @@ def test_garbage_config_is_refused(raw):
 @pytest.mark.parametrize("net,slen,mode,word", [("10.42.0.0/16", 16, "ipip", "--subnet-len"),
                                                 ("10.42.0.0/16", 31, "ipip", "--subnet-len"),
                                                 ("10.42.0.0/16", 24, "vti", "--mode"),
+                                                ("10.42.0.0/16", 24, "sit", "sit carries IPv6"),
                                                 ("10.42.0.0/33", 24, "ipip", "--network")])
 def test_bad_config_names_the_word(net, slen, mode, word):
     with pytest.raises(ConfigError, match=word):

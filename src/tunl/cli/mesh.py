@@ -31,7 +31,7 @@ USAGE = __doc__.split("\n\n", 1)[1].rstrip() + f"""
 Where: URL  := sqlite:///PATH | etcd://HOST:PORT[,HOST:PORT...][/PREFIX]
                default {DEFAULT_URL}, or $TUNL_REGISTRY
        CIDR := the overlay's network, e.g. 10.42.0.0/16; every node leases one subnet of it
-       N    := the length of a node's subnet (default 24); MODE := ipip | gre | sit
+       N    := the length of a node's subnet (default 24); MODE := ipip | gre
        IP   := this node's address on the underlay (default: from --iface, else the source
                address of the default route)
        NAME := --dev: the tunnel device (default tunl0); --bridge: the containers' gateway
@@ -92,8 +92,8 @@ def _write_state(d: dict) -> None:
     path = _state_path()
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(d, f)
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        json.dump(d, f)          # root only, as tunld's records
     os.replace(tmp, path)
 
 

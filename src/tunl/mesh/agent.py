@@ -292,7 +292,7 @@ class Agent:
             self.watch.close()
 
 
-FALLBACK = {"ipip": "tunl0", "gre": "gre0", "sit": "sit0"}
+FALLBACK = {"ipip": "tunl0", "gre": "gre0"}
 
 
 class KernelHost:

@@ -19,7 +19,7 @@ from ipaddress import IPv4Address, IPv4Network
 from ..errors import ConfigError, TunlError
 
 PREFIX = "/coreos.com/network"   # flannel's default --etcd-prefix
-MODES = ("ipip", "gre", "sit")
+MODES = ("ipip", "gre")         # the overlay carries IPv4: sit carries IPv6 only
 DEFAULT_SUBNET_LEN = 24
 
 
@@ -39,7 +39,9 @@ class NetworkConfig:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ConfigError(f'--mode "{self.mode}": the overlay modes are {", ".join(MODES)}')
+            why = " (sit carries IPv6; the overlay's subnets are IPv4)" if self.mode == "sit" else ""
+            raise ConfigError(f'--mode "{self.mode}": the overlay modes are '
+                              f'{", ".join(MODES)}{why}')
         if not self.network.prefixlen < self.subnet_len <= 30:
             raise ConfigError(f"--subnet-len {self.subnet_len}: must be longer than the "
                               f"network's /{self.network.prefixlen} and at most 30")
