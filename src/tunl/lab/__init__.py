@@ -5,6 +5,9 @@
     control   up, down, finding a node's namespace
     pcap      a minimal classic pcap reader
     dissect   one line per captured underlay packet (ipip, gre, sit), decoded with tunl.wire
-    demo      ping every target of every other host, decode the underlay capture
+    demo      ping every target of every other host, decode the underlay capture; for a mesh,
+              join, ping every pair, kill a node and bring it back, with the timings
+    mesh      a topology's mesh: its registry (SQLite, or etcd in the underlay), init, agents
+    etcd      a real local etcd cluster (members as processes, health, kill and restart)
     cli       `tunl lab ...`: main(argv) -> exit code
 """
