@@ -34,9 +34,9 @@ which no agent uses. Measured, in this order:
                grpc_server_started_total by method, summed over the three members, before and
                after (every request through etcd's JSON gateway is one gRPC call, a keepalive
                is one LeaseKeepAlive stream; peer traffic is not gRPC and the bench sends
-               nothing meanwhile). Renewals = LeaseKeepAlive calls; Range calls are split into
-               the resyncs' full listings (= the reconciles counted above, one listing each)
-               and single gets; Watch calls are watches opened again. Printed: the requests of
+               nothing meanwhile). Renewals = LeaseKeepAlive calls; Range calls are the agents'
+               full listings (one every 60 s per agent; the watch has the rest); Watch calls
+               are watch streams opened again. Printed: the requests of
                a renewal itself, and all registry requests divided by renewals; and, scaled to
                --peers such agents, requests/s and the bytes etcd sends (grpc sent bytes).
   convergence  --trials joins and expiries, alternating, each a fresh /24 under its own etcd
@@ -584,9 +584,9 @@ def quiet(lab_: Lab, args, res: dict, t_start: float) -> None:
     calls = {k: e1.get(k, 0) - e0.get(k, 0) for k in e1 if k != "sent_bytes"}
     calls = {k: int(v) for k, v in calls.items() if v}
     renewals = calls.get("LeaseKeepAlive", 0)
-    lists = c                        # one listing per resync, and every reconcile here is one
-    gets = calls.get("Range", 0) - lists
-    total = sum(calls.values())       # Watch too: every resync opens a new watch stream
+    lists = calls.get("Range", 0)    # the agent reads nothing but full listings (every 60 s)
+    gets = 0
+    total = sum(calls.values())       # Watch too: a quiet watch stream is opened again
     res["registry"] = {"calls": calls, "renewals": renewals, "lists": lists, "gets": gets,
                        "total": total, "per_renewal": total / renewals if renewals else None,
                        "renewal_only": (total - lists - calls.get("Watch", 0)) / renewals
@@ -816,10 +816,11 @@ def table(res: dict, args, mach: dict) -> str:
         if g["renewals"]:
             L.append(f"  {g['renewals']} renewals (expected ~{g['expected_renewals']:.0f}: "
                      f"every TTL/4 per agent): {g['renewal_only']:.2f} requests per renewal "
-                     f"itself (LeaseKeepAlive + {g['gets']} other Range); all registry requests "
-                     f"per renewal {g['per_renewal']:.2f}, with the resyncs' {g['lists']} "
-                     f"listings (Range of every lease) and {g['calls'].get('Watch', 0)} "
-                     f"watches opened again")
+                     f"itself (LeaseKeepAlive); all registry requests "
+                     f"per renewal {g['per_renewal']:.2f}, with {g['lists']} "
+                     f"listings (Range of every lease, every 60 s per agent) and "
+                     f"{g['calls'].get('Watch', 0)} watch streams opened again (every 30 s "
+                     f"when quiet)")
             per_agent_rps = g["total"] / (args.agents * res["quiet_s"])
             per_agent_bps = g["sent_bytes_s"] / args.agents
             L.append(f"  per agent: {per_agent_rps:.2f} requests/s, etcd sends "

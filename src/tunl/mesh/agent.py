@@ -355,10 +355,8 @@ class KernelHost:
 
     def routes(self) -> set[Route]:
         found = self.table.dump()
-        names = {}
-        if any(oif != self.net.index(self.dev) for _, _, oif, _ in found):
-            names = self.net._names()
         idx = self.net.index(self.dev)
+        names = self.net._names() if any(oif != idx for _, _, oif, _ in found) else {}
         return {Route(dst, via, self.dev if oif == idx else names.get(oif, f"if{oif}"), onlink)
                 for dst, via, oif, onlink in found}
 
