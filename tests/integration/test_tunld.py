@@ -298,7 +298,8 @@ def test_a_burst_of_routes_leaves_the_mirror_exact_and_tunld_idle(nbma, rcvbuf):
     before = cpu_ticks(pid)
     time.sleep(2)
     idle = (cpu_ticks(pid) - before) / os.sysconf("SC_CLK_TCK") / 2
-    assert idle < 0.1, f"tunld busy at {idle:.0%} of a core after the burst"
+    # a loop that does not settle takes a whole core; a busy machine adds a few ticks
+    assert idle < 0.5, f"tunld busy at {idle:.0%} of a core after the burst"
     st = status(a)
     assert st["pid"] == pid
     if rcvbuf:
@@ -325,7 +326,7 @@ def test_200_tunnels_share_a_bounded_number_of_threads_and_sit_idle(nbma):
     before = cpu_ticks(st["pid"])
     time.sleep(2)
     idle = (cpu_ticks(st["pid"]) - before) / os.sysconf("SC_CLK_TCK") / 2
-    assert idle < 0.1, f"tunld busy at {idle:.0%} of a core with 200 idle tunnels"
+    assert idle < 0.5, f"tunld busy at {idle:.0%} of a core with 200 idle tunnels"
 
 
 # -- 8. the outer source ---------------------------------------------------------------------
