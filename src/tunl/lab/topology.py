@@ -271,18 +271,21 @@ def parse(data: dict) -> Topology:
     return Topology(name, underlay, tuple(hosts), mesh)
 
 
+def _network(value, word: str) -> IPv4Network:
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        return IPv4Network(value, strict=True)
+    except ValueError:
+        raise ConfigError(f"{word} {_show(value)} is not an IPv4 network"
+                          " (address/prefix with no host bits set)") from None
+
+
 def _parse_underlay(raw) -> Underlay:
     if not isinstance(raw, dict):
         raise ConfigError("underlay: is a table ([underlay]) with cidr and mtu")
     _keys(raw, "underlay: ", required={"cidr"}, optional={"mtu"})
-    cidr = raw["cidr"]
-    try:
-        if not isinstance(cidr, str):
-            raise ValueError
-        net = IPv4Network(cidr, strict=True)
-    except ValueError:
-        raise ConfigError(f"underlay: cidr {_show(cidr)} is not an IPv4 network"
-                          " (address/prefix with no host bits set)") from None
+    net = _network(raw["cidr"], "underlay: cidr")
     mtu = raw.get("mtu", DEFAULT_MTU)
     # 68: the least MTU of IPv4 (RFC 791); 65535: the largest an IPv4 total length can say
     if not isinstance(mtu, int) or isinstance(mtu, bool) or not 68 <= mtu <= 65535:
@@ -366,14 +369,7 @@ def _parse_mesh(raw, underlay: Underlay) -> Mesh:
     where = "mesh: "
     _keys(raw, where, required={"network"},
           optional={"subnet_len", "mode", "registry", "ttl", "etcd_address"})
-    text = raw["network"]
-    try:
-        if not isinstance(text, str):
-            raise ValueError
-        network = IPv4Network(text, strict=True)
-    except ValueError:
-        raise ConfigError(f"{where}network {_show(text)} is not an IPv4 network"
-                          " (address/prefix with no host bits set)") from None
+    network = _network(raw["network"], f"{where}network")
     if network.overlaps(underlay.cidr):
         raise ConfigError(f"{where}network {network} overlaps the underlay cidr {underlay.cidr}"
                           " (the overlay's routes would take the underlay's addresses)")

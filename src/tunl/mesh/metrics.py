@@ -17,28 +17,23 @@ class AgentCollector:
 
     def collect(self):
         a, s = self.agent, self.agent.status
-        g = GaugeMetricFamily("tunl_mesh_leases", "Valid subnet leases in the registry")
-        g.add_metric([], len(a.leases))
-        yield g
-        g = GaugeMetricFamily("tunl_mesh_refused_leases",
-                              "Registry entries refused (garbage, or outside the network)")
-        g.add_metric([], len(s.refused))
-        yield g
-        g = GaugeMetricFamily("tunl_mesh_peers", "Other nodes this node routes to")
-        g.add_metric([], s.peers)
-        yield g
-        g = GaugeMetricFamily("tunl_mesh_routes_programmed", "Routes this agent has programmed")
-        g.add_metric([], s.routes)
-        yield g
-        g = GaugeMetricFamily("tunl_mesh_registry_up", "1 while the registry answers")
-        g.add_metric([], 1 if s.registry_up else 0)
-        yield g
-        c = CounterMetricFamily("tunl_mesh_registry_errors", "Failed registry requests")
-        c.add_metric([], s.registry_errors)
-        yield c
-        c = CounterMetricFamily("tunl_mesh_route_errors", "Route changes the kernel refused")
-        c.add_metric([], s.route_errors)
-        yield c
+        for family, name, what, value in (
+                (GaugeMetricFamily, "leases", "Valid subnet leases in the registry",
+                 len(a.leases)),
+                (GaugeMetricFamily, "refused_leases",
+                 "Registry entries refused (garbage, or outside the network)", len(s.refused)),
+                (GaugeMetricFamily, "peers", "Other nodes this node routes to", s.peers),
+                (GaugeMetricFamily, "routes_programmed", "Routes this agent has programmed",
+                 s.routes),
+                (GaugeMetricFamily, "registry_up", "1 while the registry answers",
+                 1 if s.registry_up else 0),
+                (CounterMetricFamily, "registry_errors", "Failed registry requests",
+                 s.registry_errors),
+                (CounterMetricFamily, "route_errors", "Route changes the kernel refused",
+                 s.route_errors)):
+            m = family(f"tunl_mesh_{name}", what)
+            m.add_metric([], value)
+            yield m
         g = GaugeMetricFamily("tunl_mesh_lease_info", "This node's lease",
                               labels=["subnet", "public_ip", "node"])
         if s.lease:
