@@ -56,7 +56,8 @@ class Agents:
     def start(self, h: Host, extra: str = "") -> subprocess.Popen:
         log = open(os.path.join(self.tmp, f"agent-{h.ns}.log"), "a")
         p = h.popen(f"{TUNL} mesh agent --registry {self.url} --iface eth0 --node n{h.n} "
-                    f"--ttl {TTL} {extra}", stdout=log, stderr=subprocess.STDOUT)
+                    f"--ttl {TTL} --subnet-file {self.tmp}/{h.ns}.env {extra}",
+                    stdout=log, stderr=subprocess.STDOUT)
         self.procs[h.ns] = p
         return p
 
@@ -221,6 +222,8 @@ def test_metrics(sqlite_mesh):
     text = wait_for(lambda: "tunl_mesh_peers 2.0" in scrape() and scrape(), 10)
     assert "tunl_mesh_routes_programmed 2.0" in text
     assert "tunl_mesh_registry_up 1.0" in text
+    assert "tunl_mesh_members 3.0" in text            # the three nodes, handed to tunld
+    assert "tunl_mesh_direct_routes 0.0" in text      # no --cross-subnet
     assert re.search(r"tunl_mesh_reconcile_seconds_count [1-9]", text)
     assert 'tunl_mesh_lease_info{node="n1"' in text
     assert re.search(r'tunl_tunnel_rx_packets_total\{dev="tunl0"\} [1-9]', text), text

@@ -91,3 +91,40 @@ def test_mesh_with_the_kernel_as_one_node(interop, record, tmp_path):
     record("mesh A<->C", "tunl -> tunl: ping", p.returncode == 0)
     assert p.returncode == 0
     tcp(rig, record, "mesh A->B", a, b_gw)
+    members_only(rig, record, b_gw)
+
+
+def members_only(rig, record, b_gw: str) -> None:
+    """The kernel's tunl0 takes IPIP from anyone; the guest's agent keeps nftables table ip
+    tunl_members with the overlay's nodes, so what a host outside the overlay forges is
+    dropped and counted before tunl0 sees it (and IPIP from a member still passes)."""
+    from scapy.layers.inet import ICMP, IP
+    from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
+    rig.guest("true", undo="nft delete table ip tunl_members 2>/dev/null; true")
+    table = rig.guest("nft list table ip tunl_members", check=False)
+    assert all(ip in table for ip in (A, GUEST, C)), \
+        (table, rig.guest("cat /run/mesh-agent.log", check=False))
+    x = rig.node("x", "172.16.170.66")
+    before = int(rig.guest("cat /sys/class/net/tunl0/statistics/rx_packets"))
+    forged = bytes(IP(src="10.42.250.9", dst=b_gw) / ICMP(id=7, seq=1))
+    x.send_raw(4, GUEST, [forged] * 5)
+    time.sleep(0.3)
+    counted = re.search(r"counter not_member_ipip \{\s*packets (\d+)",
+                        rig.guest("nft list table ip tunl_members"))
+    after = int(rig.guest("cat /sys/class/net/tunl0/statistics/rx_packets"))
+    ok = counted is not None and int(counted.group(1)) >= 5 and after == before
+    record("mesh members only", "forged IPIP from a non-member: dropped by nftables", ok)
+    assert ok, (counted and counted.group(0), before, after)
+    # GRE and sit are not this overlay's: the kernel's gre0 and sit0 are down and take none
+    rx = "cat /sys/class/net/gre0/statistics/rx_packets /sys/class/net/sit0/statistics/rx_packets"
+    before = rig.guest(rx)
+    x.send_raw(47, GUEST, [b"\x00\x00\x08\x00" + forged] * 3)
+    x.send_raw(41, GUEST, [bytes(IPv6(src="fd00::9", dst="fd00::1") / ICMPv6EchoRequest())] * 3)
+    time.sleep(0.3)
+    ok = rig.guest(rx) == before and int(rig.guest(
+        "cat /sys/class/net/tunl0/statistics/rx_packets")) == after
+    record("mesh members only", "forged GRE and sit from a non-member: not delivered", ok)
+    assert ok
+    doctor = rig.guest(f"{TUNL} doctor", check=False)
+    assert "tunl0 (ipip, no remote) takes encapsulated packets only from the overlay's nodes" \
+        in doctor, doctor

@@ -834,3 +834,63 @@ def test_an_unknown_argument_is_one_line():
     with pytest.raises(ConfigError, match='doctor "bogus": unknown argument; tunl doctor takes '
                                           "only --json"):
         doctor.main(["bogus"], {"json": False})
+
+
+# -- only the overlay's nodes may send into it ------------------------------------------------
+
+SADDR = {"payload": {"protocol": "ip", "field": "saddr"}}
+MEMBERS_RULE = [nft_chain("input", "input", family="ip", table="tunl_members"),
+                nft_rule("input", 4, match(IP_PROTOCOL, 4), match(SADDR, "@members", "!="),
+                         {"counter": {"name": "not_member_ipip"}}, {"drop": None},
+                         family="ip", table="tunl_members")]
+
+
+def member_lines(host, members=None):
+    f = host.facts()
+    f.members.update(members or {})
+    return [x.line() for x in doctor.findings(f) if "from any host" in x.what
+            or "only from the overlay" in x.what]
+
+
+def test_a_kernel_overlay_device_without_nftables_protection_is_warned_with_the_fix(host):
+    host.link("tunl0", arphrd=768, mtu=1480, address="00:00:00:00", broadcast="00:00:00:00")
+    host.nft([{"metainfo": {"version": "1.0.6"}}], "")
+    assert member_lines(host) == [
+        "WARN  tunl0 (ipip, no remote) is the kernel's device: it decapsulates protocol 4 from "
+        "any host, so one outside the overlay can send into it; fix: run `tunl mesh agent` (it "
+        "keeps nftables table ip tunl_members with the overlay's nodes), or drop protocol 4 "
+        "from other sources"]
+
+
+def test_without_nft_the_fix_is_to_install_it(host):
+    host.link("tunl0", arphrd=768, mtu=1480, address="00:00:00:00", broadcast="00:00:00:00")
+    assert member_lines(host)[0].endswith(
+        "fix: apt install nftables, then run `tunl mesh agent`: it keeps only the overlay's nodes")
+
+
+def test_the_mesh_agents_members_table_protects_the_kernel_device_and_is_no_firewall_warning(host):
+    host.link("tunl0", arphrd=768, mtu=1480, address="00:00:00:00", broadcast="00:00:00:00")
+    host.nft(MEMBERS_RULE, "")
+    assert member_lines(host) == [
+        "OK    tunl0 (ipip, no remote) takes encapsulated packets only from the overlay's nodes "
+        "(nftables table ip tunl_members)"]
+    assert host.lines()[-1].startswith("OK    nft: no input or forward chain drops")
+
+
+def test_the_fallback_device_down_or_a_tunnel_with_remote_needs_no_members(host):
+    host.link("tunl0", arphrd=768, mtu=1480, up=False, address="00:00:00:00",
+              broadcast="00:00:00:00")
+    host.link("ipip1", arphrd=768, mtu=1480, address="c0:00:02:05", broadcast="c0:00:02:07")
+    assert member_lines(host) == []
+
+
+def test_tunld_tunnels_say_whether_tunld_keeps_a_member_set(host):
+    host.tunl("tunl0", mode="ipip")
+    host.tunl("gre9", mode="gre")
+    assert member_lines(host, {"tunl0": 3, "gre9": None}) == [
+        "OK    tunl0 (ipip, no remote) takes encapsulated packets only from the overlay's 3 "
+        "nodes (tunld drops the rest as not_member)",
+        "WARN  gre9 (gre, no remote) takes encapsulated packets from any host: one outside the "
+        "overlay can send into it; fix: run `tunl mesh agent` (it hands tunld the overlay's "
+        "nodes)"]
+    assert member_lines(host) == []            # tunld did not answer: nothing said here

@@ -168,3 +168,103 @@ def test_racing_nodes_never_share_a_subnet(world):
     assert len({a.status.lease.subnet for a in agents}) == 3
     with pytest.raises(nw.NetworkFullError, match="is full"):
         node(world, 9)
+
+
+# -- cross-subnet, members, moves -------------------------------------------------------------
+
+def cross_world():
+    clock = FakeClock()
+    store = SqliteStore(":memory:", clock)
+    reg = Registry(store)
+    reg.init(NetworkConfig.parse("10.42.0.0/16", direct_routing=True))
+    return clock, store, reg
+
+
+def underlay(prefix):
+    h = FakeHost()
+    h.underlay = [(IPv4Network(prefix), "eth0"), (IPv4Network("10.42.7.0/24"), "mybr0"),
+                  (IPv4Network("10.99.0.0/16"), "tunl0")]
+    return h
+
+
+def at(world, ip, host, **kw):
+    clock, store, reg = world
+    cfg = AgentConfig(IPv4Address(ip), ip, ttl=TTL, resync=30, block=0.01, **kw)
+    a = Agent(reg, host, cfg, clock=clock, wait=lambda s: None)
+    a.start()
+    return a
+
+
+def test_cross_subnet_routes_same_subnet_peers_directly_and_the_others_through_the_tunnel():
+    w = cross_world()
+    a = at(w, "172.16.1.2", underlay("172.16.1.0/24"))
+    b = at(w, "172.16.1.3", underlay("172.16.1.0/24"))
+    c = at(w, "172.16.2.2", underlay("172.16.2.0/24"))
+    settle(a, b, c)
+    for ag in (a, b, c):
+        ag.reconcile(read=True)
+    by = {r.via: r for r in a.host.table}
+    assert by[IPv4Address("172.16.1.3")] == Route(b.status.lease.subnet,
+                                                  IPv4Address("172.16.1.3"), "eth0", False)
+    assert by[IPv4Address("172.16.2.2")] == Route(c.status.lease.subnet,
+                                                  IPv4Address("172.16.2.2"), "tunl0", True)
+    assert a.status.direct == 1
+    assert {r.dev for r in c.host.table} == {"tunl0"}
+
+
+def test_without_cross_subnet_every_peer_goes_through_the_tunnel(world):
+    a = node(world, 1, host=underlay("172.16.0.0/24"))
+    b = node(world, 2, host=underlay("172.16.0.0/24"))
+    settle(a, b)
+    a.reconcile(read=True)
+    assert {(r.dev, r.onlink) for r in a.host.table} == {("tunl0", True)}
+
+
+def test_a_peer_that_moves_to_another_subnet_is_rerouted_and_keeps_its_subnet():
+    w = cross_world()
+    a = at(w, "172.16.1.2", underlay("172.16.1.0/24"))
+    where = {"ip": IPv4Address("172.16.1.3")}
+    b = at(w, "172.16.1.3", underlay("172.16.1.0/24"))
+    b.address = lambda: where["ip"]
+    settle(a, b)
+    a.reconcile(read=True)
+    subnet = b.status.lease.subnet
+    assert [r.dev for r in a.host.table] == ["eth0"]
+    where["ip"] = IPv4Address("172.16.2.9")
+    w[0].advance(31)                   # b's resync looks at its address again
+    settle(b, a)
+    assert b.status.lease.subnet == subnet and b.status.lease.public_ip == where["ip"]
+    assert a.host.table == {Route(subnet, where["ip"], "tunl0", True)}
+
+
+def test_cross_subnet_turned_on_later_reaches_running_agents_at_their_next_listing(world):
+    a = node(world, 1, host=underlay("172.16.0.0/24"))
+    b = node(world, 2, host=underlay("172.16.0.0/24"))
+    settle(a, b)
+    assert world[2].init(NetworkConfig.parse("10.42.0.0/16", direct_routing=True)) == "updated"
+    a.watch = None                     # as after a relist deadline: list (and read config) again
+    a.step()
+    assert a.config.direct_routing
+    assert {r.dev for r in a.host.table} == {"eth0"}
+
+
+def test_the_tunnel_is_handed_every_node_once_per_change(world):
+    a = node(world, 1)
+    b = node(world, 2)
+    settle(a, b)
+    ips = {IPv4Address("172.16.0.1"), IPv4Address("172.16.0.2")}
+    assert a.host.member_sets[-1] == ips
+    n = len(a.host.member_sets)
+    a.reconcile(read=True)
+    assert len(a.host.member_sets) == n          # nothing changed: not handed again
+    c = node(world, 3)
+    settle(a, c)
+    assert a.host.member_sets[-1] == ips | {IPv4Address("172.16.0.3")}
+    assert a.status.members == 3
+
+
+def test_ip_masq_asks_the_host_to_masquerade_the_network(world):
+    a = node(world, 1, ipmasq=True)
+    assert a.host.masq == (IPv4Network("10.42.0.0/16"), a.status.lease.subnet)
+    b = node(world, 2)
+    assert not hasattr(b.host, "masq")

@@ -42,3 +42,19 @@ def test_ops_in_order():
     assert plan({moved_now, new}, {a, moved}) == [Op("delete", a), Op("replace", moved_now),
                                                   Op("add", new)]
     assert str(Op("add", new)) == "add 10.42.3.0/24 via 172.16.0.3 dev tunl0 onlink"
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(8, 32)), max_size=6),
+       st.integers(0, 2**32 - 1))
+def test_direct_dev_is_the_longest_connected_prefix_holding_the_address(raw, addr):
+    from tunl.mesh.plan import direct_dev
+    links = [(IPv4Network((a, plen), strict=False), f"eth{i}") for i, (a, plen) in enumerate(raw)]
+    ip = IPv4Address(addr)
+    dev = direct_dev(links, ip)
+    holding = [(n, d) for n, d in links if ip in n]
+    if not holding:
+        assert dev is None
+    else:
+        chosen = [n for n, d in links if d == dev][0]
+        assert ip in chosen
+        assert chosen.prefixlen == max(n.prefixlen for n, _ in holding)

@@ -20,12 +20,12 @@ from .libbpf import BPF_TC_EGRESS, BPF_TC_INGRESS
 
 OBJECT = Path(__file__).with_name("tunl.bpf.o")
 HANDLE, PRIORITY = 0x7475, 1           # tc filter handle 0x7475 ("tu"), pref 1
-MAPS = ("tunl_tunnels", "tunl_rx", "tunl_routes", "tunl_paths", "tunl_stats")
+MAPS = ("tunl_tunnels", "tunl_rx", "tunl_routes", "tunl_paths", "tunl_members", "tunl_stats")
 
 MODE_IPIP, MODE_GRE, MODE_SIT = 1, 2, 3
-F_PMTUDISC, F_OKEY, F_SLOW_TX, F_SLOW_RX, F_DECAP_L3 = 1, 2, 4, 8, 0x20
+F_PMTUDISC, F_OKEY, F_SLOW_TX, F_SLOW_RX, F_DECAP_L3, F_MEMBERS = 1, 2, 4, 8, 0x20, 0x40
 (C_RX_PACKETS, C_RX_BYTES, C_TX_PACKETS, C_TX_BYTES, C_RX_ECN, C_TX_DEAD_LOOP,
- C_RX_SLOW, C_TX_SLOW, C_MAX) = range(9)
+ C_RX_SLOW, C_TX_SLOW, C_RX_NOT_MEMBER, C_MAX) = range(10)
 
 
 B4 = ctypes.c_ubyte * 4
@@ -62,11 +62,16 @@ class PathKey(ctypes.Structure):
     _fields_ = [("ifindex", ctypes.c_uint32), ("dst", B4)]
 
 
+class MemberKey(ctypes.Structure):
+    _fields_ = [("ifindex", ctypes.c_uint32), ("addr", B4)]
+
+
 class OuterPath(ctypes.Structure):
     _fields_ = [("oif", ctypes.c_uint32), ("src", B4), ("mtu", ctypes.c_uint32)]
 
 
 U32 = ctypes.c_uint32
+U8 = ctypes.c_uint8
 
 
 @lru_cache(maxsize=1)
@@ -124,14 +129,25 @@ class Programs:
             for name, fd in found.items():
                 if name in MAPS:
                     obj.reuse_map(name, fd)
-            obj.load()
+            try:
+                obj.load()
+            except OSError:
+                if not found:
+                    raise
+                # maps of another build of the programs (a value grew): new maps, which
+                # tunld fills again; the old programs keep theirs until they are replaced
+                obj.close()
+                obj = libbpf.Object(str(self.obj_path))
+                obj.load()
             self.egress_fd = obj.prog_fd("tunl_egress")
             self.ingress_fd = obj.prog_fd("tunl_ingress")
             self.maps = {m: obj.map_fd(m) for m in MAPS}
             self._pushed = {"tunl_paths": self._read(self.maps["tunl_paths"], PathKey,
                                                      OuterPath, lambda k: k.ifindex),
                             "tunl_routes": self._read(self.maps["tunl_routes"], RouteKey, B4,
-                                                      _route_owner)}
+                                                      _route_owner),
+                            "tunl_members": self._read(self.maps["tunl_members"], MemberKey,
+                                                       U8, lambda k: k.ifindex)}
         except BaseException:
             obj.close()
             raise
@@ -196,6 +212,7 @@ class Programs:
                 libbpf.delete(self.maps["tunl_rx"], k)
         self.set_paths(ifindex, {})
         self.set_routes(ifindex, {})
+        self.set_members(ifindex, ())
 
     def drop_rx(self, key: RxKey) -> None:
         libbpf.delete(self.maps["tunl_rx"], key)
@@ -212,6 +229,12 @@ class Programs:
         self._sync("tunl_routes", RouteKey, ifindex,
                    [(RouteKey(32 + plen, idx, b4(net)), b4(gw))
                     for (net, plen), gw in routes.items()])
+
+    def set_members(self, ifindex: int, addrs) -> None:
+        """The outer sources (4 bytes each) the tunnel takes packets from, while its F_MEMBERS
+        flag is set (written before the flag is set, emptied after it is cleared)."""
+        self._sync("tunl_members", MemberKey, ifindex,
+                   [(MemberKey(ifindex, b4(a)), U8(1)) for a in addrs])
 
     @staticmethod
     def _read(fd: int, key_type, value_type, owner) -> dict[int, dict[bytes, bytes]]:

@@ -6,8 +6,9 @@
  *   tunl_egress   tc egress of the tunnel device: encapsulate (ip_tunnel_xmit() rules),
  *                 then bpf_redirect_neigh() to the underlay device the outer route names.
  *   tunl_ingress  tc ingress of an underlay device: find the tunnel the way ip_tunnel_lookup()
- *                 does, check and strip the outer header (ip_tunnel_rcv() rules, RFC 6040),
- *                 then bpf_redirect(..., BPF_F_INGRESS) into the tunnel device.
+ *                 does, drop what comes from outside its member set (if it has one), check
+ *                 and strip the outer header (ip_tunnel_rcv() rules, RFC 6040), then
+ *                 bpf_redirect(..., BPF_F_INGRESS) into the tunnel device.
  *
  * Whatever these programs do not handle goes on as if they were not there (TC_ACT_OK): on
  * egress the packet reaches the device queue, where tunld's userspace data plane (the slow
@@ -53,6 +54,7 @@ enum mode { MODE_IPIP = 1, MODE_GRE = 2, MODE_SIT = 3 };
 #define F_SLOW_TX 0x04      /* every transmitted packet to the slow path */
 #define F_SLOW_RX 0x08      /* every received packet to the slow path */
 #define F_DECAP_L3 0x20     /* the kernel has BPF_F_ADJ_ROOM_DECAP_L3_* (6.3+) */
+#define F_MEMBERS 0x40      /* only outer sources in tunl_members (tunld fills it first) */
 
 struct tnl {                /* one tunnel, by the tunnel device's ifindex */
 	__u32 ifindex;
@@ -86,6 +88,11 @@ struct path_key {
 	__be32 dst;
 };
 
+struct member_key {         /* one outer source a tunnel takes packets from */
+	__u32 ifindex;
+	__be32 addr;
+};
+
 struct path {               /* the outer route to one destination, kept by tunld */
 	__u32 oif;
 	__be32 src;         /* the route's preferred source, for a tunnel without local */
@@ -98,6 +105,7 @@ enum {
 	C_RX_ECN,               /* RFC 6040: outer CE over a not-ECT inner packet */
 	C_TX_DEAD_LOOP,         /* the outer route leads back into the tunnel */
 	C_RX_SLOW, C_TX_SLOW,   /* handed to the slow path */
+	C_RX_NOT_MEMBER,        /* an outer source not in the tunnel's member set */
 	C_MAX
 };
 struct counters {
@@ -132,6 +140,14 @@ struct {
 	__type(key, struct path_key);
 	__type(value, struct path);
 } tunl_paths SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct member_key);
+	__type(value, __u8);
+} tunl_members SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
@@ -445,12 +461,22 @@ int tunl_ingress(struct __sk_buff *skb)
 	t = bpf_map_lookup_elem(&tunl_tunnels, &ifindex);
 	if (!t)
 		return TC_ACT_OK;
+	if (wild && !k.local && !is_local(skb, skb->ingress_ifindex, &iph))
+		return TC_ACT_OK;   /* what the host forwards is no tunnel's */
+	if (t->flags & F_MEMBERS) {
+		/* only nodes of the overlay send into it, on the fast path or the slow one: one
+		 * lookup more, for a tunnel that has a member set */
+		struct member_key mk = { .ifindex = ifindex, .addr = iph.saddr };
+
+		if (!bpf_map_lookup_elem(&tunl_members, &mk)) {
+			count(ifindex, C_RX_NOT_MEMBER, 1);
+			return TC_ACT_SHOT;
+		}
+	}
 	if (t->flags & F_SLOW_RX || slow)
 		goto slow;
 	if (t->link && t->link != skb->ingress_ifindex)
 		goto slow;
-	if (wild && !k.local && !is_local(skb, skb->ingress_ifindex, &iph))
-		return TC_ACT_OK;
 	if (version == 6 && !(t->flags & F_DECAP_L3))
 		goto slow;          /* skb->protocol cannot follow before Linux 6.3 */
 

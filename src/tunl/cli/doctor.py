@@ -490,6 +490,42 @@ def _chain_findings(f: Facts, table: FwTable, chain: FwChain) -> list[Finding]:
     return out
 
 
+MEMBERS_TABLE = "tunl_members"      # kernel.nft.MEMBERS: the mesh agent's, judged by check_members
+
+
+def check_members(f: Facts, t: Link) -> list[Finding]:
+    """A tunnel without remote (the overlay's one-to-many device) decapsulates what any host
+    sends it, unless only the overlay's nodes may send (tunld's member set, or the mesh
+    agent's nftables table on the kernel data plane)."""
+    proto = PROTO.get(t.mode or "")
+    if t.remote or not t.up or proto is None:
+        return []
+    what = f"{t.name} ({PROTO_MODE[proto]}, no remote)"
+    if t.tunl:
+        if t.name not in f.members:
+            return []                    # tunld did not answer: check_tunnel_state says so
+        n = f.members[t.name]
+        if n is not None:
+            return [Finding("OK", f"{what} takes encapsulated packets only from the overlay's "
+                                  f"{n} nodes (tunld drops the rest as not_member)")]
+        return [Finding("WARN", f"{what} takes encapsulated packets from any host: one outside "
+                        "the overlay can send into it",
+                        "run `tunl mesh agent` (it hands tunld the overlay's nodes)")]
+    guarded = any(tb.tool == "nft" and tb.name == MEMBERS_TABLE and any(
+        r.protos and proto in r.protos and r.verdict == "drop"
+        for c in tb.chains.values() for r in c.rules) for fw in f.firewalls for tb in fw.tables)
+    if guarded:
+        return [Finding("OK", f"{what} takes encapsulated packets only from the overlay's nodes "
+                              f"(nftables table ip {MEMBERS_TABLE})")]
+    nft = any(fw.tool == "nft" and fw.installed for fw in f.firewalls)
+    return [Finding("WARN", f"{what} is the kernel's device: it decapsulates protocol {proto} "
+                    "from any host, so one outside the overlay can send into it",
+                    ("run `tunl mesh agent` (it keeps nftables table ip tunl_members with the "
+                     f"overlay's nodes), or drop protocol {proto} from other sources") if nft
+                    else "apt install nftables, then run `tunl mesh agent`: it keeps only the "
+                         "overlay's nodes")]
+
+
 def check_firewall(f: Facts) -> list[Finding]:
     if not any(fw.installed for fw in f.firewalls):
         return [Finding("OK", "firewall not inspected: neither nft nor iptables-save is installed")]
@@ -504,6 +540,7 @@ def check_firewall(f: Facts) -> list[Finding]:
             continue
         found = [x for t in fw.tables for c in t.chains.values()
                  if c.hook in ("input", "forward") and t.family in ("ip", "inet")
+                 and not (t.tool == "nft" and t.name == MEMBERS_TABLE)
                  for x in _chain_findings(f, t, c)]
         out += found or [Finding("OK", f"{fw.tool}: no input or forward chain drops "
                                        f"{_protos(list(PROTO_MODE))}")]
@@ -571,7 +608,7 @@ def findings(f: Facts) -> list[Finding]:
     if not unders:
         out.append(Finding("OK", "no default route and no tunnel remote: no underlay MTU to check"))
     for t in ts:
-        out += check_tunnel_path(f, t) + check_tunnel_state(t)
+        out += check_tunnel_path(f, t) + check_tunnel_state(t) + check_members(f, t)
     return out + check_firewall(f)
 
 
@@ -592,6 +629,15 @@ def text(f: Facts, r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _tunld_members() -> dict[str, int | None]:
+    """What tunld says of its tunnels' member sets; nothing when no tunld answers."""
+    from ..planes.tunld import TunldPlane
+    try:
+        return {t["spec"]["name"]: t.get("members") for t in TunldPlane("auto").show()}
+    except TunlError:
+        return {}
+
+
 def exit_status(r: dict) -> int:
     return 1 if any(x["status"] == "FAIL" for x in r["findings"]) else 0
 
@@ -606,6 +652,8 @@ def main(argv: list[str], opts: dict, readers: probe.Readers | None = None) -> i
             raise ConfigError(f'doctor "{a}": unknown argument; tunl doctor takes only --json')
         as_json = True
     f = probe.gather(readers or probe.live())
+    if readers is None:
+        f.members.update(_tunld_members())
     r = report(f)
     if as_json:
         json.dump(r, sys.stdout, indent=2 if opts.get("pretty") else None)

@@ -1,8 +1,10 @@
 """`tunl mesh`: the overlay's control plane.
 
     tunl mesh init  [ --registry URL ] --network CIDR [ --subnet-len N ] [ --mode MODE ]
+                    [ --cross-subnet ]
     tunl mesh agent [ --registry URL ] [ --public-ip IP | --iface DEV ] [ --node NAME ]
                     [ --dev NAME ] [ --bridge NAME ] [ --ttl SECONDS ] [ --metrics [ADDR:]PORT ]
+                    [ --subnet-file PATH ] [ --ip-masq ]
     tunl mesh show  [ --registry URL ]
     tunl mesh leave [ --registry URL ]
 """
@@ -15,10 +17,11 @@ import os
 import signal
 import sys
 import time
-from ipaddress import IPv4Network
+from ipaddress import IPv4Interface, IPv4Network
 
 from ..errors import ConfigError, TunlError
 from ..mesh import network as nw
+from ..mesh import subnetenv
 from ..mesh.agent import DEFAULT_TTL, RESYNC, Agent, AgentConfig, KernelHost, node_name, public_ip
 from ..mesh.plan import RTPROT_TUNL
 from ..mesh.registry import Registry
@@ -38,6 +41,11 @@ Where: URL  := sqlite:///PATH | etcd://HOST:PORT[,HOST:PORT...][/PREFIX]
                bridge (default mybr0); --node: this node's name (default the host name)
        SECONDS := the lease's TTL (default {DEFAULT_TTL}): a node that stops renewing is gone
                from every other node within twice that
+       --cross-subnet: nodes on one underlay subnet route to each other directly over it,
+               without encapsulation (flannel's DirectRouting); the others through the tunnel
+       PATH := where the agent writes this node's lease for the CNI plugin (default
+               {subnetenv.DEFAULT_PATH})
+       --ip-masq: masquerade traffic from the overlay to the outside (nftables)
 """
 
 
@@ -56,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--network", metavar="CIDR", required=True)
     s.add_argument("--subnet-len", metavar="N", type=int, default=nw.DEFAULT_SUBNET_LEN)
     s.add_argument("--mode", metavar="MODE", default="ipip")
+    s.add_argument("--cross-subnet", action="store_true")
     s = sub.add_parser("agent", help="lease this node's subnet and keep its routes in step")
     s.add_argument("--registry", **reg)
     g = s.add_mutually_exclusive_group()
@@ -67,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--ttl", metavar="SECONDS", type=int, default=DEFAULT_TTL)
     s.add_argument("--resync", metavar="SECONDS", type=float, default=RESYNC)
     s.add_argument("--metrics", metavar="[ADDR:]PORT")
+    s.add_argument("--subnet-file", metavar="PATH", default=subnetenv.DEFAULT_PATH)
+    s.add_argument("--ip-masq", action="store_true")
     s.add_argument("-v", "--verbose", action="store_true")
     for verb, what in (("show", "the nodes, their subnets and leases, and the routes here"),
                        ("leave", "release this node's lease and remove what its agent made")):
@@ -113,11 +124,11 @@ def main(argv: list[str], opts: dict) -> int:
 
 
 def init(a, opts) -> int:
-    config = nw.NetworkConfig.parse(a.network, a.subnet_len, a.mode)
+    config = nw.NetworkConfig.parse(a.network, a.subnet_len, a.mode, a.cross_subnet)
     reg = _registry(a.registry)
     how = reg.init(config)
-    print(f"network {config.network} subnet-len {config.subnet_len} mode {config.mode}: {how} "
-          f"in {reg.url}")
+    print(f"network {config.network} subnet-len {config.subnet_len} mode {config.mode}"
+          f"{' cross-subnet' if config.direct_routing else ''}: {how} in {reg.url}")
     return 0
 
 
@@ -139,7 +150,7 @@ def agent(a, opts) -> int:
     mode = config.mode if config else previous.get("mode", "ipip")
     host = KernelHost(a.dev, a.bridge, mode, opts.get("dataplane", "auto"))
     cfg = AgentConfig(public_ip=ip, node=a.node or node_name(), dev=a.dev, bridge=a.bridge,
-                      ttl=a.ttl, resync=a.resync, prefer=prefer)
+                      ttl=a.ttl, resync=a.resync, prefer=prefer, ipmasq=a.ip_masq)
     made = {k: v for k, v in (previous.get("made") or {}).items()}
 
     def on_lease(ag: Agent) -> None:
@@ -147,9 +158,18 @@ def agent(a, opts) -> int:
         _write_state({"registry": reg.url, "prefix": reg.prefix, "subnet":
                       str(ag.status.lease.subnet), "lease": ag.status.lease_id,
                       "mode": ag.config.mode, "dev": a.dev, "bridge": a.bridge,
-                      "public_ip": str(ip), "pid": os.getpid(), "made": made})
+                      "public_ip": str(ag.cfg.public_ip), "pid": os.getpid(), "made": made,
+                      "subnet_file": a.subnet_file, "ip_masq": a.ip_masq})
+        lease = ag.status.lease
+        env = subnetenv.SubnetEnv(ag.config.network, IPv4Interface(
+            f"{lease.gateway}/{lease.subnet.prefixlen}"), _mtu(a.dev), a.ip_masq, a.bridge)
+        if subnetenv.write(env, a.subnet_file):
+            logging.getLogger("tunl.mesh").info("wrote %s", a.subnet_file)
 
-    ag = Agent(reg, host, cfg, clock=time.monotonic, on_lease=on_lease)
+    # an address found (not given) is looked up again at every resync: a node that moves is
+    # re-routed everywhere
+    address = None if a.public_ip else (lambda: public_ip(None, a.iface))
+    ag = Agent(reg, host, cfg, clock=time.monotonic, on_lease=on_lease, address=address)
     if a.metrics:
         from .. import planes
         from ..daemon import metrics
@@ -165,6 +185,13 @@ def agent(a, opts) -> int:
     return 0
 
 
+def _mtu(dev: str) -> int:
+    """The tunnel's MTU (the kernel's, or tunld's TUN device's): every container interface
+    on the overlay takes it."""
+    with open(f"/sys/class/net/{dev}/mtu") as f:
+        return int(f.read())
+
+
 def _expiry(ttl: float | None) -> str:
     return "-" if ttl is None else f"{ttl:.0f}s"
 
@@ -177,7 +204,7 @@ def show(a, opts) -> int:
     try:
         from ..kernel.routes import HostNet
         with HostNet() as net:
-            here = {dst: (via, dev) for dst, via, dev, _ in net.routes(RTPROT_TUNL)}
+            here = {dst: (via, dev) for dst, via, dev, onlink in net.routes(RTPROT_TUNL)}
     except Exception:
         pass
     state = _read_state() or {}
@@ -189,19 +216,23 @@ def show(a, opts) -> int:
         if str(subnet) == own:
             routed = "self"
         elif subnet in here:
-            routed = "yes" if here[subnet][0] == lease.public_ip else f"via {here[subnet][0]}"
+            via, dev = here[subnet]
+            if via != lease.public_ip:
+                routed = f"via {via}"
+            else:
+                routed = "yes" if dev == state.get("dev", "tunl0") else f"direct {dev}"
         else:
             routed = "no"
         rows.append({"node": lease.node, "subnet": str(subnet), "public_ip": str(lease.public_ip),
                      "backend": lease.backend, "expires": ttl, "route": routed})
     if opts.get("json"):
         out = {"network": str(config.network), "subnet_len": config.subnet_len,
-               "mode": config.mode, "registry": reg.url, "nodes": rows,
+               "mode": config.mode, "cross_subnet": config.direct_routing, "registry": reg.url, "nodes": rows,
                "refused": listing.refused}
         print(json.dumps(out, indent=2 if opts.get("pretty") else None))
         return 0
-    print(f"network {config.network} subnet-len {config.subnet_len} mode {config.mode} "
-          f"registry {reg.url}")
+    print(f"network {config.network} subnet-len {config.subnet_len} mode {config.mode}"
+          f"{' cross-subnet' if config.direct_routing else ''} registry {reg.url}")
     fmt = "{:<16} {:<18} {:<16} {:<8} {}"
     print(fmt.format("NODE", "SUBNET", "PUBLIC-IP", "EXPIRES", "ROUTE"))
     for r in rows:
@@ -213,8 +244,8 @@ def show(a, opts) -> int:
 
 
 def leave(a, opts) -> int:
+    from ..kernel import nft
     from ..kernel.routes import HostNet
-    from ipaddress import IPv4Interface
     state = _read_state()
     if not state:
         raise TunlError("mesh leave: no agent has run in this network namespace "
@@ -253,6 +284,12 @@ def leave(a, opts) -> int:
         else:
             net.remove_address(bridge, IPv4Interface(
                 f"{subnet.network_address + 1}/{subnet.prefixlen}"))
+    for table in (nft.MEMBERS, nft.MASQ):
+        nft.remove(table)
+    try:
+        os.unlink(state.get("subnet_file") or subnetenv.DEFAULT_PATH)
+    except FileNotFoundError:
+        pass
     os.unlink(_state_path())
     print(f"left: routes, {dev} and {bridge} removed")
     return 0

@@ -84,8 +84,11 @@ def stats_lines(c: dict) -> str:
 
 
 def details_line(status: dict) -> str:
-    """`-d`: the data plane the tunnel got, and on the eBPF plane what took which path."""
+    """`-d`: the data plane the tunnel got, how many outer sources it takes packets from
+    when it has a member set, and on the eBPF plane what took which path."""
     line = f"  dataplane {status['dataplane']}"
+    if status.get("members") is not None:
+        line += f" members {status['members']}"
     e = status.get("ebpf")
     if e:
         line += (f" fast rx {e['fast_rx']} tx {e['fast_tx']}"
@@ -116,7 +119,7 @@ def to_json(status: dict) -> dict:
         out["6rd_prefix"] = s["ip6rd_prefix"] or "2002::/16"
         out["6rd_relay_prefix"] = s["ip6rd_relay_prefix"] or "0.0.0.0/0"
     out.update(dataplane=status["dataplane"], mtu=status["mtu"], up=status["up"],
-               stats=status["counters"])
+               members=status.get("members"), stats=status["counters"])
     if "ebpf" in status:
         out["ebpf"] = status["ebpf"]
     return out

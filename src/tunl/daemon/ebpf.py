@@ -14,6 +14,9 @@ What the programs read and tunld keeps:
   tunl_routes   the IPv4 routes on the device (their next hops: NBMA), from the route mirror
   tunl_paths    the outer route to each peer (device, preferred source, path MTU), from
                 `ip route get` and the path MTUs the engine learns from ICMP
+  tunl_members  the outer sources a tunnel with a member set takes packets from; its
+                F_MEMBERS flag is set only once they are written, and cleared before they
+                are deleted, so that a change never lets an outsider in
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from ..model import TunnelMode, TunnelSpec
 log = logging.getLogger("tunl.daemon")
 
 ARPHRD_ETHER = 1
+MEMBERS_SLOW = "members: the set does not fit the eBPF map; tunld checks it"
 PROTO = {TunnelMode.IPIP: 4, TunnelMode.GRE: 47, TunnelMode.SIT: 41, TunnelMode.ISATAP: 41}
 MODE = {TunnelMode.IPIP: P.MODE_IPIP, TunnelMode.GRE: P.MODE_GRE, TunnelMode.SIT: P.MODE_SIT,
         TunnelMode.ISATAP: P.MODE_SIT}
@@ -57,13 +61,18 @@ def slow_reasons(spec: TunnelSpec) -> tuple[list[str], list[str]]:
 
 
 def tnl_for(spec: TunnelSpec, ifindex: int, link: int, capture: bool = False,
-            down: bool = False) -> tuple[P.Tnl, P.RxKey]:
+            down: bool = False, members: str | None = None) -> tuple[P.Tnl, P.RxKey]:
+    """members: None (anyone may send), "map" (the program checks tunl_members) or "slow"
+    (the set is tunld's alone: every received packet takes the slow path)."""
     tx, rx = slow_reasons(spec)
     if capture:
         tx = tx + ["capture"]
     if down:          # the slow path counts what a down device drops (TunnelDown)
         tx, rx = tx + ["down"], rx + ["down"]
+    if members == "slow":
+        rx = rx + [MEMBERS_SLOW]
     flags = P.feature_flags()
+    flags |= P.F_MEMBERS if members == "map" else 0
     flags |= P.F_PMTUDISC if spec.pmtudisc else 0
     flags |= P.F_OKEY if spec.okey is not None else 0
     flags |= P.F_SLOW_TX if tx else 0
@@ -105,6 +114,9 @@ class EbpfTunnels:
         self.ingress: set[int] = set()
         self.capturing: dict[int, int] = {}     # ifindex -> pid of `tunl tunnel capture`
         self.down: set[int] = set()             # tunnels whose device is down
+        # ifindex -> the outer sources (4 bytes each) it takes packets from; none: anyone
+        self.members: dict[int, frozenset[bytes]] = {}
+        self.members_slow: set[int] = set()     # their set did not fit tunl_members
         self.error: str | None = None
 
     # -- availability ---------------------------------------------------------------------------
@@ -131,13 +143,30 @@ class EbpfTunnels:
         ingress program on every underlay device."""
         old = self.tunnels.get(ifindex)
         self.programs.load(self._attached() + [(ifindex, P.BPF_TC_EGRESS)])
+        members = self.members.get(ifindex)
+        check = None
+        if members is not None:                  # the set first, then the flag
+            check = "map"
+            try:
+                self.programs.set_members(ifindex, members)
+                self.members_slow.discard(ifindex)
+            except OSError as e:
+                if ifindex not in self.members_slow:
+                    log.warning("%s: %d members do not fit the eBPF map (%s); tunld checks "
+                                "every received packet", spec.name, len(members), e)
+                self.members_slow.add(ifindex)
+                check = "slow"
+        else:
+            self.members_slow.discard(ifindex)
         tnl, rxk = tnl_for(spec, ifindex, link, ifindex in self.capturing,
-                           ifindex in self.down)
+                           ifindex in self.down, check)
         if old is not None:
             _t, old_rx = tnl_for(old[0], ifindex, old[1])
             if bytes(old_rx) != bytes(rxk):
                 self.programs.drop_rx(old_rx)
         self.programs.put_tunnel(tnl, rxk)
+        if check != "map":                       # the flag is gone: then the entries
+            self.programs.set_members(ifindex, ())
         self.tunnels[ifindex] = (spec, link)
         self.programs.attach_egress(ifindex)
         if old is None:
@@ -145,6 +174,27 @@ class EbpfTunnels:
         else:
             log.debug("%s: its eBPF map entries rewritten", spec.name)
         self.attach_underlay()
+
+    def set_members(self, ifindex: int, members: frozenset[bytes] | None) -> None:
+        """The outer sources the tunnel takes packets from (None: anyone). For a tunnel not
+        put yet (taken back after a restart), kept for its put()."""
+        if members is None:
+            self.members.pop(ifindex, None)
+        else:
+            self.members[ifindex] = members
+        if ifindex in self.tunnels:
+            spec, link = self.tunnels[ifindex]
+            try:
+                self.put(spec, ifindex, link)
+            except OSError:
+                # the flag may not say what the entries say: no packet of this tunnel takes
+                # the fast path in; the slow path checks the set
+                self.programs.drop_rx(tnl_for(spec, ifindex, link)[1])
+                raise
+
+    def slow_rx_why(self, ifindex: int) -> list[str]:
+        """Why received packets take the slow path beyond what the spec says."""
+        return [MEMBERS_SLOW] if ifindex in self.members_slow else []
 
     def capture(self, ifindex: int, pid: int | None) -> None:
         """While `tunl tunnel capture` (pid) runs, every transmitted packet of the tunnel
@@ -181,6 +231,8 @@ class EbpfTunnels:
     def remove(self, ifindex: int) -> None:
         self.capturing.pop(ifindex, None)
         self.down.discard(ifindex)
+        self.members.pop(ifindex, None)
+        self.members_slow.discard(ifindex)
         if self.tunnels.pop(ifindex, None) is None:
             return
         if self.programs.obj is not None:
@@ -248,6 +300,10 @@ class EbpfTunnels:
             counters["rx_frame_errors"] += c[P.C_RX_ECN]
             rx = counters["rx_drop"]
             rx["ecn"] = rx.get("ecn", 0) + c[P.C_RX_ECN]
+        if c[P.C_RX_NOT_MEMBER]:          # like count_rx_drop(Drop.NOT_MEMBER)
+            counters["rx_errors"] += c[P.C_RX_NOT_MEMBER]
+            rx = counters["rx_drop"]
+            rx["not_member"] = rx.get("not_member", 0) + c[P.C_RX_NOT_MEMBER]
         if c[P.C_TX_DEAD_LOOP]:           # like count_tx_drop(Drop.DEAD_LOOP, "collisions")
             counters["tx_errors"] += c[P.C_TX_DEAD_LOOP]
             counters["collisions"] += c[P.C_TX_DEAD_LOOP]

@@ -1,6 +1,7 @@
 """Prometheus metrics of tunnels (prometheus_client): tunld's (`tunld --metrics [ADDR:]PORT`)
 and the mesh agent's tunnel. The counters are those of `tunl -s tunnel show`: packets, bytes,
-errors, and drops by direction and reason; on the eBPF plane also the fast and slow path."""
+errors, and drops by direction and reason (not_member, from a tunnel's member set, is there from
+the moment the tunnel has a set); on the eBPF plane also the fast and slow path."""
 from __future__ import annotations
 
 import logging
@@ -39,13 +40,19 @@ class TunnelCollector:
                                    labels=["dev", "dir", "path"])
         up = GaugeMetricFamily("tunl_tunnel_up", "1 while the tunnel device is up",
                                labels=["dev", "dataplane"])
+        members = GaugeMetricFamily("tunl_tunnel_members", "The outer sources a tunnel with "
+                                    "a member set takes packets from", labels=["dev"])
         for t in tunnels:
             dev = (t.get("spec") or {}).get("name") or t.get("name") or "?"
             c = t.get("counters") or {}
             for d in ("rx", "tx"):
                 for what in TOTALS:
                     fams[d, what].add_metric([dev], c.get(f"{d}_{what}", 0))
-                for reason, n in sorted((c.get(f"{d}_drop") or {}).items()):
+                dropped = dict(c.get(f"{d}_drop") or {})
+                if d == "rx" and t.get("members") is not None:
+                    dropped.setdefault("not_member", 0)
+                    members.add_metric([dev], t["members"])
+                for reason, n in sorted(dropped.items()):
                     drops.add_metric([dev, d, reason], n)
             e = t.get("ebpf") or {}
             for key, n in e.items():
@@ -57,6 +64,7 @@ class TunnelCollector:
         yield drops
         yield path
         yield up
+        yield members
 
 
 def serve(listen: str, *collectors) -> CollectorRegistry:

@@ -9,6 +9,7 @@ crash or `kill -9` takes every tunnel back from that record.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import resource
@@ -45,6 +46,7 @@ COALESCE = 0.05       # seconds: the data plane's route tables are rebuilt at mo
 RESYNC_INTERVAL = 30.0  # seconds: everything is dumped again this often, whatever the events
 PATH_COALESCE = 0.25  # seconds: under a stream of events, paths are looked up again this often
 AF_INET6 = socket.AF_INET6
+BROADCAST = IPv4Address("255.255.255.255")
 
 # the requests tunld takes: op -> argument -> (JSON types, required)
 SPEC = (dict, True)
@@ -57,6 +59,7 @@ OPS = {
             "default": (bool, True)},
     "sixrd": {"name": (str, True), "prefix": ((str, type(None)), True),
               "relay": ((str, type(None)), True)},
+    "members": {"name": (str, True), "addrs": ((list, type(None)), True)},
     "show": {"name": ((str, type(None)), False)},
     "routes": {"name": (str, True)},
     "capture": {"name": (str, True), "pid": ((int, type(None)), True)},
@@ -81,6 +84,8 @@ class Tunld:
         self.mirror = Mirror()
         self.ebpf = EbpfTunnels(lambda dst, src, oif: self._rtnl().route_get(dst, src, oif))
         self.planes: dict[str, str] = {}     # name -> "ebpf" | "userspace"
+        # name -> the outer sources a tunnel takes packets from (no entry: from anyone)
+        self.members: dict[str, frozenset[IPv4Address]] = {}
         self.engine.on_pmtu = self._pmtu_learned
         self.lock = threading.Lock()
         self.running = True
@@ -131,6 +136,7 @@ class Tunld:
         links = {link.name: link for link in self.kernel.links()}
         recorded = self.state.load()
         self.planes = dict(self.state.planes)
+        self.members = dict(self.state.members)
         if recorded is None:
             recorded = {link.name: (link.index, spec) for link in links.values()
                         if link.kind == "tun" and (spec := spec_from_alias(link.alias))
@@ -147,8 +153,12 @@ class Tunld:
             if link.name != name:                     # renamed while no tunld ran
                 log.info("%s is now called %s", name, link.name)
                 spec = spec.with_(name=link.name)
+                for by_name in (self.planes, self.members):
+                    if name in by_name:
+                        by_name[link.name] = by_name.pop(name)
             self.records[link.name] = (ifindex, spec)  # kept even if it cannot be opened now
             self._take_back(link.name, ifindex, spec, link)
+        self.members = {n: m for n, m in self.members.items() if n in self.records}
         for link in links.values():
             if link.name not in self.records and spec_from_alias(link.alias) is not None:
                 log.warning("%s has a tunl alias but tunl did not create it; left alone",
@@ -164,14 +174,17 @@ class Tunld:
         except (TunlError, OSError) as e:     # one bad device must not stop the rest
             LOG.error("cannot take back %s yet: %s", name, e, key=("attach", name))
             return False
+        # the member set goes in with the tunnel: a restart never takes a packet it refused
+        members = self.members.get(name)
         try:
-            self.engine.add(spec, fd, ifindex, link.mtu)
+            self.engine.add(spec, fd, ifindex, link.mtu, members=_packed(members))
         except (TunlError, OSError) as e:
             os.close(fd)
             LOG.error("cannot take back %s yet: %s", name, e, key=("attach", name))
             return False
         if self.planes.get(name) == "ebpf":
             try:
+                self.ebpf.set_members(ifindex, _packed(members))
                 self.ebpf.put(spec, ifindex, self._link_index(spec))
             except (TunlError, OSError) as e:
                 LOG.error("%s: cannot attach the eBPF programs (%s); its packets take the "
@@ -199,6 +212,8 @@ class Tunld:
             if link is None or link.kind != "tun":
                 continue                               # gone: forgotten
             spec = spec.with_(name=link.name)
+            if name != link.name and name in self.members:
+                self.members[link.name] = self.members.pop(name)
             self.records[link.name] = (ifindex, spec)
             if self._take_back(link.name, ifindex, spec, link):
                 self._watch_tunnel(self.engine.tunnels[link.name])
@@ -211,7 +226,7 @@ class Tunld:
         """Write the record. A failure is logged, and the tunnels go on: they are lost only
         if tunld also restarts before the record can be written."""
         try:
-            self.state.save(self.records, self.planes)
+            self.state.save(self.records, self.planes, self.members)
         except OSError as e:
             LOG.error("cannot write the record of tunl's tunnels %s: %s", self.state.path, e,
                       key="save")
@@ -308,9 +323,12 @@ class Tunld:
         """`ip link set OLD name NEW`: the kernel's tunnels keep working under a new name,
         and so do tunl's. All renames of a batch at once: one may take a name another gave
         up (a swap)."""
-        self.engine.rename({t.spec.name: name for t, name in renamed})
-        planes = {name: self.planes.pop(t.spec.name, "userspace") for t, name in renamed}
+        was = [(t.spec.name, name) for t, name in renamed]     # before the engine renames
+        self.engine.rename(dict(was))
+        planes = {name: self.planes.pop(old, "userspace") for old, name in was}
         self.planes.update(planes)
+        members = {name: self.members.pop(old) for old, name in was if old in self.members}
+        self.members.update(members)
         for t, _name in renamed:
             self.records = {n: r for n, r in self.records.items() if r[0] != t.ifindex}
         for t, name in renamed:
@@ -332,6 +350,7 @@ class Tunld:
             self.ebpf.remove(t.ifindex)
             os.close(self.engine.remove(name))
         self.planes.pop(name, None)
+        self.members.pop(name, None)
         if self.records.pop(name, None) is not None:
             try:
                 self._save()
@@ -511,6 +530,7 @@ class Tunld:
             raise
         t = self.engine.add(s, fd, link.index, link.mtu)
         self.planes[s.name] = plane
+        self.members.pop(s.name, None)          # a new tunnel takes packets from anyone
         try:
             if plane == "ebpf":
                 try:
@@ -610,6 +630,42 @@ class Tunld:
             raise ConfigError(f"6rd: {e}") from e
         return self._respec(t, new)
 
+    def op_members(self, name: str, addrs: list | None) -> dict:
+        """Only packets whose outer source is in addrs are taken from the underlay (None:
+        from anyone, an empty list: from no one); the rest are dropped and counted as
+        not_member. Recorded first: a set that cannot be recorded is not enforced, since a
+        restart would lose it."""
+        t = self._ours(name, "members")
+        members = member_set(addrs)
+        old = self.members.get(name)
+        if members == old:
+            return self._status(name)
+        if members is None:
+            self.members.pop(name, None)
+        else:
+            self.members[name] = members
+        try:
+            self._save()
+        except DaemonError:
+            if old is None:
+                self.members.pop(name, None)
+            else:
+                self.members[name] = old
+            raise
+        self.engine.set_members(name, _packed(members))
+        if t.ifindex in self.ebpf.tunnels:
+            try:
+                self.ebpf.set_members(t.ifindex, _packed(members))
+            except OSError as e:
+                raise DaemonError(f"members on {name}: the eBPF maps refused the set "
+                                  f"({e.strerror or e}); its received packets take the slow "
+                                  "path, where tunld checks the set") from e
+        log.info("%s: %s", name, "members: anyone" if members is None else
+                 f"members: {len(members)}")
+        log.debug("%s: members %s", name, "any" if members is None else
+                  " ".join(map(str, sorted(members))) or "none")
+        return self._status(name)
+
     def op_del(self, name: str) -> dict:
         t = self._ours(name, "delete")
         self.mirror.unwatch(t.ifindex)
@@ -623,11 +679,13 @@ class Tunld:
         t = self.engine.tunnels[name]
         out = {"spec": t.spec.to_dict(), "dataplane": "userspace", "ifindex": t.ifindex,
                "mtu": t.mtu, "up": t.up, "routes": len(t.fib4) + len(t.fib6),
+               "members": None if t.members is None else len(t.members),
                "counters": t.counters.as_dict()}
         if t.ifindex in self.ebpf.tunnels:
             out["dataplane"] = "ebpf"
             out["ebpf"] = self.ebpf.status(t.ifindex, out["counters"])
             tx, rx = slow_reasons(t.spec)
+            rx += self.ebpf.slow_rx_why(t.ifindex)
             out["ebpf"]["slow_tx_why"], out["ebpf"]["slow_rx_why"] = tx, rx
         return out
 
@@ -690,6 +748,29 @@ def _spec(d: dict) -> TunnelSpec:
         raise
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise ConfigError(f'argument "spec": not a tunnel spec ({e})') from e
+
+
+def member_set(addrs: list | None) -> frozenset[IPv4Address] | None:
+    """The member set of a `members` request: None (anyone) or unicast IPv4 addresses, each
+    the outer source of a node of the overlay. A bad one is a one-line ConfigError."""
+    if addrs is None:
+        return None
+    out = set()
+    for a in addrs:
+        if not isinstance(a, str):
+            raise ConfigError(f"members {json.dumps(a)[:40]}: not an IPv4 address (a string "
+                              "like 192.0.2.1)")
+        ip = _addr(a[:40], "members")
+        if ip.is_multicast or ip.is_unspecified or ip == BROADCAST:
+            raise ConfigError(f'members "{ip}": not a unicast address; a member is the outer '
+                              "source of a node")
+        out.add(ip)
+    return frozenset(out)
+
+
+def _packed(members: frozenset[IPv4Address] | None) -> frozenset[bytes] | None:
+    """The set as the data plane compares it: outer source addresses as 4 bytes."""
+    return None if members is None else frozenset(a.packed for a in members)
 
 
 def _addr(text: str, word: str) -> IPv4Address:

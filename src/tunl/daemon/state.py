@@ -4,8 +4,10 @@ The device alias (`ip link show` prints it) is for people: anyone may change it 
 `ip link set DEV alias …`, and anyone may create a TUN device and give it a "tunl:" alias. So
 the record that says which devices are tunl's, and with which spec, is a root-only file per
 network namespace: /run/tunl/netns-<cookie>/tunnels.json, each entry keyed by the device's
-name and ifindex (a device deleted and made again by someone else has another ifindex). The
-namespace is named by its cookie (SO_NETNS_COOKIE), which the kernel never reuses while it
+name and ifindex (a device deleted and made again by someone else has another ifindex), with
+its data plane and its member set (the outer sources it takes packets from; none recorded:
+from anyone), so that a tunld started after a crash enforces the set from its first packet.
+The namespace is named by its cookie (SO_NETNS_COOKIE), which the kernel never reuses while it
 runs, unlike the inode of /proc/self/ns/net.
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from ipaddress import IPv4Address
 
 from ..errors import TunlError
 from ..model import TunnelSpec
@@ -43,6 +46,8 @@ class State:
         self.dir = directory or state_dir()
         self.path = os.path.join(self.dir, "tunnels.json")
         self.planes: dict[str, str] = {}    # name -> data plane, of the last load()
+        # name -> member set, of the last load(); a tunnel without one takes from anyone
+        self.members: dict[str, frozenset[IPv4Address]] = {}
 
     def load(self, move_bad: bool = True) -> dict[str, tuple[int, TunnelSpec]] | None:
         """The record; None when there is none (a damaged one is none, and moved aside to
@@ -68,15 +73,21 @@ class State:
                     self.planes[name] = entry["dataplane"]
             except (KeyError, TypeError, ValueError, TunlError):    # one bad entry: skip it
                 continue
+            if entry.get("members") is not None:
+                self.members[name] = _members(entry["members"])
         return out
 
     def save(self, tunnels: dict[str, tuple[int, TunnelSpec]],
-             planes: dict[str, str] | None = None) -> None:
+             planes: dict[str, str] | None = None,
+             members: dict[str, frozenset[IPv4Address]] | None = None) -> None:
         """Write atomically (a new file renamed over the old one), readable by root only."""
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         planes = planes or {}
+        members = members or {}
         data = {"tunnels": {name: {"ifindex": ifindex, "spec": spec.to_dict(),
-                                   "dataplane": planes.get(name, "userspace")}
+                                   "dataplane": planes.get(name, "userspace"),
+                                   "members": (sorted(str(a) for a in members[name])
+                                               if members.get(name) is not None else None)}
                             for name, (ifindex, spec) in sorted(tunnels.items())}}
         tmp = self.path + f".{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -88,3 +99,14 @@ class State:
         """Whether the record lists tunnels; None when there is no record to say."""
         record = self.load(move_bad=False)
         return None if record is None else bool(record)
+
+
+def _members(raw) -> frozenset[IPv4Address]:
+    """A recorded member set. A damaged one takes from no one: a restart must never open a
+    tunnel to senders its set kept out (root fixes it with a new set)."""
+    try:
+        if isinstance(raw, list) and all(isinstance(a, str) for a in raw):
+            return frozenset(IPv4Address(a) for a in raw)
+    except ValueError:
+        pass
+    return frozenset()

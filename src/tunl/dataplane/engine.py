@@ -6,8 +6,9 @@ kernel's route lookup gives it (device, MTU; the `local` address must still be t
 → path MTU check (tnl_update_pmtu()) → the mode's codec writes its headers in the headroom →
 raw socket send.
 Ingress, one thread per outer protocol (4, 47, 41): raw receive → the codec module's demux
-(outer checks, GRE key) → tunnel lookup (ip_tunnel_lookup()) → the tunnel's codec checks and
-decapsulates → TUN write. One more thread learns path MTUs from ICMP.
+(outer checks, GRE key) → tunnel lookup (ip_tunnel_lookup()) → the outer source must be in the
+tunnel's member set, if it has one → the tunnel's codec checks and decapsulates → TUN write.
+One more thread learns path MTUs from ICMP.
 
 Threads block in system calls (releasing the GIL) and never raise on a bad packet: they drop
 and count. The number of threads does not grow with the number of tunnels. Tables the hot
@@ -56,10 +57,13 @@ RX_COUNTER = {Drop.CSUM_MISMATCH: "rx_crc_errors", Drop.BAD_CSUM: "rx_crc_errors
 class TunnelPlane:
     """The runtime of one tunnel: its device queue, codec, routes, paths and counters."""
 
-    def __init__(self, spec: TunnelSpec, fd: int, ifindex: int, mtu: int, sender):
+    def __init__(self, spec: TunnelSpec, fd: int, ifindex: int, mtu: int, sender,
+                 members: frozenset[bytes] | None = None):
         self.fd = fd
         self.ifindex = ifindex
         self.mtu = mtu
+        # the outer sources (4 bytes each) this tunnel takes packets from; None: anyone
+        self.members = members
         self.counters = Counters()
         self.ident = 0
         self.fib4 = Fib()
@@ -189,8 +193,11 @@ class Engine:
             del self._senders[key]
             entry[0].close()
 
-    def add(self, spec: TunnelSpec, fd: int, ifindex: int, mtu: int) -> TunnelPlane:
-        t = TunnelPlane(spec, fd, ifindex, mtu, self._sender(spec))
+    def add(self, spec: TunnelSpec, fd: int, ifindex: int, mtu: int,
+            members: frozenset[bytes] | None = None) -> TunnelPlane:
+        """members: the outer sources the tunnel takes packets from (None: anyone), in force
+        before its first packet."""
+        t = TunnelPlane(spec, fd, ifindex, mtu, self._sender(spec), members)
         self._receive(t.proto)
         self.tunnels[spec.name] = t
         self._by_fd = {**self._by_fd, fd: t}
@@ -214,6 +221,11 @@ class Engine:
         t.configure(spec, self._sender(spec))
         self._release(old)
         self._reindex()
+
+    def set_members(self, name: str, members: frozenset[bytes] | None) -> None:
+        """The outer sources the tunnel takes packets from from now on (None: anyone). One
+        reference replaced: the ingress threads see the old set or the new one whole."""
+        self.tunnels[name].members = members
 
     def rename(self, names: dict[str, str]) -> None:
         """Old name -> new name, all at once (one may take a name another gives up)."""
@@ -559,6 +571,10 @@ class Engine:
         t = lookup(by_key.get(key, ()), buf[12:16], buf[16:20])
         if t is None:
             unmatched[Drop.KEY_MISMATCH if by_key and key not in by_key else Drop.NO_TUNNEL] += 1
+            return
+        members = t.members
+        if members is not None and bytes(buf[12:16]) not in members:
+            t.count_rx_drop(Drop.NOT_MEMBER)       # only nodes of the overlay send into it
             return
         r = t.codec.decap_at(buf, ihl, end, ctx)
         if r.__class__ is Drop:

@@ -633,6 +633,9 @@ class Facts:
     route_dev: dict[str, str | None]    # tunnel remote or gateway -> underlay device
     firewalls: list[Firewall]
     bpf: Bpf | None = None
+    # tunld's tunnels: name -> how many outer sources it takes (None: any), as tunld says;
+    # filled in by the caller that can ask tunld (kernel/ is below the daemon)
+    members: dict[str, int | None] = field(default_factory=dict)
 
 
 def _errno_of(f: Callable, arg) -> int:

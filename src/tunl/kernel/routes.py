@@ -16,6 +16,7 @@ from ..errors import LinkError, NotFoundError
 
 RTNH_F_ONLINK = 4
 RT_TABLE_MAIN = 254
+RT_SCOPE_LINK = 253
 CREATED, UPDATED, UNCHANGED = "created", "updated", "unchanged"
 
 
@@ -124,6 +125,19 @@ class HostNet:
             gw = m.get_attr("RTA_GATEWAY")
             out.append((dst, IPv4Address(gw) if gw else None,
                         names.get(m.get_attr("RTA_OIF"), "?"), bool(m["flags"] & RTNH_F_ONLINK)))
+        return out
+
+    def links(self) -> list[tuple[IPv4Network, str]]:
+        """(prefix, dev) of every connected IPv4 route of the main table (scope link, no
+        gateway): the subnets this host reaches without a router."""
+        names = self._names()
+        out = []
+        for m in self._ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN):
+            if m["scope"] != RT_SCOPE_LINK or m.get_attr("RTA_GATEWAY") or \
+                    m.get_attr("RTA_TABLE", m["table"]) != RT_TABLE_MAIN or m["type"] != 1:
+                continue
+            out.append((IPv4Network(f"{m.get_attr('RTA_DST') or '0.0.0.0'}/{m['dst_len']}"),
+                        names.get(m.get_attr("RTA_OIF"), "?")))
         return out
 
     def route(self, verb: str, dst: IPv4Network, via: IPv4Address | None, dev: str,

@@ -25,7 +25,7 @@ from typing import Callable, Protocol
 from ..errors import TunlError
 from . import network as nw
 from .network import BadLeaseError, Lease, NetworkConfig
-from .plan import RTPROT_TUNL, Op, Route, apply, plan
+from .plan import RTPROT_TUNL, Op, Route, apply, direct_dev, plan
 from .registry import Registry
 from .store import CompactedError, Event, RegistryError, Watch
 
@@ -48,6 +48,16 @@ class Host(Protocol):
     def apply(self, ops: list[Op]) -> list[tuple[Op, str]]:
         """Carry out ops; the ones refused, each with why."""
 
+    def links(self) -> list[tuple[IPv4Network, str]]:
+        """This host's connected underlay prefixes and their devices (--cross-subnet)."""
+
+    def masquerade(self, network: IPv4Network, subnet: IPv4Network) -> str:
+        """Masquerade traffic from the overlay to the outside (--ip-masq); how."""
+
+    def members(self, addrs: frozenset[IPv4Address]) -> str:
+        """Let only these outer sources send into the tunnel; how it went ("nftables",
+        "tunld", or why there is no such protection here)."""
+
 
 @dataclass
 class AgentConfig:
@@ -58,6 +68,7 @@ class AgentConfig:
     ttl: int = DEFAULT_TTL
     resync: float = RESYNC
     prefer: IPv4Network | None = None          # the subnet this node held before, if known
+    ipmasq: bool = False                       # --ip-masq: masquerade overlay → outside
     block: float = 1.0                         # s a step waits for registry events at most
 
 
@@ -74,6 +85,9 @@ class Status:
     reconciles: int = 0
     last_reconcile: float = 0.0              # seconds it took
     route_errors: int = 0
+    direct: int = 0                          # routes to peers without encapsulation
+    members: int = 0                         # outer sources the tunnel accepts
+    members_how: str = ""                    # what enforces that, or why nothing does
 
 
 class Agent:
@@ -81,13 +95,15 @@ class Agent:
                  clock: Callable[[], float] = time.monotonic,
                  wait: Callable[[float], object] | None = None,
                  on_reconcile: Callable[[float], None] | None = None,
-                 on_lease: Callable[["Agent"], None] | None = None):
+                 on_lease: Callable[["Agent"], None] | None = None,
+                 address: Callable[[], IPv4Address] | None = None):
         self.registry, self.host, self.cfg = registry, host, cfg
         self.clock = clock
         self.stopping = threading.Event()
         self.wait = wait or self.stopping.wait
         self.on_reconcile = on_reconcile
         self.on_lease = on_lease
+        self.address = address         # where the public IP comes from, when it may change
         self.status = Status()
         self.config: NetworkConfig | None = None
         self.leases: dict[IPv4Network, Lease] = {}
@@ -98,6 +114,8 @@ class Agent:
         self.next_resync = 0.0
         self.next_relist = 0.0
         self.actual: set[Route] | None = None      # the routes as last read or programmed
+        self.links: list[tuple[IPv4Network, str]] = []   # this host's underlay subnets
+        self.member_set: frozenset[IPv4Address] | None = None   # as last handed to the tunnel
         self.rng = random.Random()
 
     # -- registry ---------------------------------------------------------------------------
@@ -114,6 +132,16 @@ class Agent:
     def _relist(self) -> None:
         """List every lease again and watch from the revision after the listing."""
         assert self.config is not None
+        config = self.registry.config()
+        if config != self.config:
+            if (config.network, config.subnet_len, config.mode) == \
+                    (self.config.network, self.config.subnet_len, self.config.mode):
+                log.info("cross-subnet %s", "on" if config.direct_routing else "off")
+                self.config = config
+            else:
+                log.warning("the registry's network is now %s %s; this agent keeps %s %s "
+                            "until it is restarted", config.network, config.mode,
+                            self.config.network, self.config.mode)
         listing = self.registry.listing(self.config)
         self.leases = dict(listing.leases)
         self.keys = {self.registry.key(s): s for s in listing.leases}
@@ -165,6 +193,8 @@ class Agent:
             log.info("leased %s for %s (public IP %s, TTL %d s)", lease.subnet, self.cfg.node,
                      lease.public_ip, self.cfg.ttl)
             made = self.host.ensure_local(lease, previous)
+            if self.cfg.ipmasq:
+                made["masquerade"] = self.host.masquerade(self.config.network, lease.subnet)
             for what, how in made.items():
                 if how != "unchanged":
                     log.info("%s: %s", what, how)
@@ -185,13 +215,42 @@ class Agent:
 
     def desired(self) -> set[Route]:
         own = self.status.lease
-        return {Route(s, lease.public_ip, self.cfg.dev) for s, lease in self.leases.items()
-                if own is None or (s != own.subnet and lease.public_ip != own.public_ip)}
+        direct = self.config is not None and self.config.direct_routing
+        out = set()
+        for s, lease in self.leases.items():
+            if own is not None and (s == own.subnet or lease.public_ip == own.public_ip):
+                continue
+            dev = direct_dev(self.links, lease.public_ip) if direct else None
+            out.add(Route(s, lease.public_ip, dev, onlink=False) if dev else
+                    Route(s, lease.public_ip, self.cfg.dev))
+        return out
+
+    def _members(self) -> None:
+        """Hand the tunnel the overlay's nodes (every lease's public IP) when they changed:
+        encapsulated packets from any other source are dropped."""
+        want = frozenset(lease.public_ip for lease in self.leases.values())
+        if self.status.lease is not None:
+            want |= {self.status.lease.public_ip}
+        if want == self.member_set:
+            return
+        try:
+            self.status.members_how = self.host.members(want)
+        except TunlError as e:
+            log.warning("members: %s", e)
+            self.status.members_how = f"failed: {e}"
+            return
+        self.member_set = want
+        self.status.members = len(want)
 
     def reconcile(self, read: bool = False) -> list[Op]:
         """Plan against the routes as the agent last saw them (read from the kernel again when
         `read`, at a resync, or after a change the kernel refused) and carry the plan out."""
         t0 = self.clock()
+        if read and self.config is not None and self.config.direct_routing:
+            self.links = [(n, d) for n, d in self.host.links()
+                          if d not in (self.cfg.dev, self.cfg.bridge)
+                          and not n.overlaps(self.config.network)]
+        self._members()
         desired = self.desired()
         if read or self.actual is None:
             self.actual = self.host.routes()
@@ -214,6 +273,7 @@ class Agent:
         took = self.clock() - t0
         self.status.peers = len(desired)
         self.status.routes = len(desired)
+        self.status.direct = sum(1 for r in desired if r.dev != self.cfg.dev)
         self.status.reconciles += 1
         self.status.last_reconcile = took
         if self.on_reconcile:
@@ -261,7 +321,8 @@ class Agent:
             if now >= self.next_renew:
                 self._renew()
             if now >= self.next_resync:      # the kernel read again; the registry listed
-                if now >= self.next_relist:   # again only now and then (the watch has it)
+                self._check_address()         # again only now and then (the watch has it)
+                if now >= self.next_relist:
                     self._relist()
                     self._check_own()
                 self.reconcile(read=True)
@@ -271,6 +332,30 @@ class Agent:
             self.watch = None
         except RegistryError as e:
             self._down(e)
+
+    def _check_address(self) -> None:
+        """The node's underlay address changed (DHCP, a move to another subnet): rewrite its
+        lease with the new public IP and keep its subnet; every other node re-routes it."""
+        own = self.status.lease
+        if self.address is None or own is None:
+            return
+        try:
+            ip = self.address()
+        except TunlError as e:
+            log.warning("public IP: %s", e)
+            return
+        if ip == own.public_ip:
+            return
+        log.info("public IP %s -> %s", own.public_ip, ip)
+        self.cfg.public_ip = ip
+        moved = Lease(own.subnet, ip, own.backend, own.node)
+        if self.registry.move(moved, self.status.lease_id):
+            self.status.lease = moved
+            self.leases[moved.subnet] = moved
+            if self.on_lease:
+                self.on_lease(self)
+        else:
+            self._acquire()
 
     def _check_own(self) -> None:
         own = self.status.lease
@@ -352,6 +437,35 @@ class KernelHost:
         made["net.ipv4.ip_forward"] = enable_forwarding()
         self.made.update({k: v for k, v in made.items() if v == "created"})
         return made
+
+    def links(self) -> list[tuple[IPv4Network, str]]:
+        return self.net.links()
+
+    def _plane(self):
+        from .. import planes
+        from ..errors import ForeignDeviceError
+        from ..planes.kernel import KernelPlane
+        try:
+            return planes.find(self.dev)[0]
+        except ForeignDeviceError:
+            return KernelPlane()          # the kernel's fallback device (ensure_tunnel)
+
+    def members(self, addrs: frozenset[IPv4Address]) -> str:
+        from ..kernel import nft
+        plane = self._plane()
+        if plane.name == "kernel" and not nft.available():
+            return ("none: the kernel's device takes encapsulated packets from any host "
+                    "(install nftables)")
+        plane.members(self.dev, addrs)
+        return "nftables" if plane.name == "kernel" else "tunld"
+
+    def masquerade(self, network: IPv4Network, subnet: IPv4Network) -> str:
+        from ..kernel import nft
+        if not nft.available():
+            return "none: no nftables (install nftables)"
+        nft.masquerade(network, subnet)
+        self.made["masquerade"] = "created"
+        return "nftables"
 
     def routes(self) -> set[Route]:
         found = self.table.dump()

@@ -24,6 +24,8 @@ class FakeHost:
         self.ops: list[Op] = []
         self.local: list[Lease] = []
         self.fail: set = set()           # destinations whose route changes the kernel refuses
+        self.underlay: list = []         # (prefix, device) of links(): --cross-subnet
+        self.member_sets: list = []      # every member set handed to the tunnel
 
     def ensure_local(self, lease: Lease, previous: Lease | None) -> dict[str, str]:
         self.local.append(lease)
@@ -31,6 +33,17 @@ class FakeHost:
 
     def routes(self) -> set[Route]:
         return set(self.table)
+
+    def links(self):
+        return list(self.underlay)
+
+    def masquerade(self, network, subnet) -> str:
+        self.masq = (network, subnet)
+        return "fake"
+
+    def members(self, addrs) -> str:
+        self.member_sets.append(frozenset(addrs))
+        return "fake"
 
     def apply(self, ops: list[Op]) -> list[tuple[Op, str]]:
         failed = []

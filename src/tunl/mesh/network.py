@@ -1,7 +1,7 @@
 """The overlay's words, in flannel's etcd layout so that operators' tooling reads them (pure):
 
     <prefix>/config                 {"Network": "10.42.0.0/16", "SubnetLen": 24,
-                                     "Backend": {"Type": "ipip"}}
+                                     "Backend": {"Type": "ipip", "DirectRouting": false}}
     <prefix>/subnets/10.42.1.0-24   {"PublicIP": "172.16.0.1", "BackendType": "ipip",
                                      "BackendData": {"Node": "a"}}
 
@@ -36,6 +36,7 @@ class NetworkConfig:
     network: IPv4Network
     subnet_len: int = DEFAULT_SUBNET_LEN
     mode: str = "ipip"
+    direct_routing: bool = False     # --cross-subnet: flannel's DirectRouting
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -48,24 +49,30 @@ class NetworkConfig:
 
     @classmethod
     def parse(cls, network: str, subnet_len: int = DEFAULT_SUBNET_LEN,
-              mode: str = "ipip") -> "NetworkConfig":
+              mode: str = "ipip", direct_routing: bool = False) -> "NetworkConfig":
         try:
             net = IPv4Network(network)
         except ValueError as e:
             raise ConfigError(f'--network "{network}": {e}') from None
-        return cls(net, subnet_len, mode)
+        return cls(net, subnet_len, mode, direct_routing)
 
     def to_json(self) -> bytes:
+        backend: dict[str, object] = {"Type": self.mode}
+        if self.direct_routing:
+            backend["DirectRouting"] = True
         return json.dumps({"Network": str(self.network), "SubnetLen": self.subnet_len,
-                           "Backend": {"Type": self.mode}}).encode()
+                           "Backend": backend}).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> "NetworkConfig":
         try:
             d = json.loads(raw)
             backend = d.get("Backend") or {"Type": "ipip"}
+            direct = backend.get("DirectRouting", False)
+            if not isinstance(direct, bool):
+                raise ValueError(f"DirectRouting {direct!r} is not true or false")
             return cls(IPv4Network(d["Network"]), int(d.get("SubnetLen", DEFAULT_SUBNET_LEN)),
-                       str(backend.get("Type", "ipip")))
+                       str(backend.get("Type", "ipip")), direct)
         except (ValueError, KeyError, TypeError, AttributeError, ConfigError) as e:
             raise BadLeaseError(f"config: not a network config ({e})") from None
 

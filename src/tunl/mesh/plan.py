@@ -3,7 +3,9 @@
     plan(desired, actual) -> [Op]
 
 `desired` are the on-link routes the registry asks for (one per other node:
-`10.42.2.0/24 via 172.16.0.2 dev tunl0 onlink`); `actual` are the routes on this host that carry
+`10.42.2.0/24 via 172.16.0.2 dev tunl0 onlink`; with --cross-subnet, a node on one of this
+host's own underlay subnets gets a plain route over that device instead:
+`10.42.2.0/24 via 172.16.0.2 dev eth0`, no encapsulation); `actual` are the routes on this host that carry
 the agent's route protocol number, on any device. A route the agent did not tag is never in
 `actual`, so it is never touched; one it tagged and no longer wants is deleted.
 """
@@ -34,6 +36,17 @@ class Op:
 
     def __str__(self) -> str:
         return f"{self.verb} {self.route}"
+
+
+def direct_dev(links: list[tuple[IPv4Network, str]], ip: IPv4Address) -> str | None:
+    """The device over which `ip` is directly reachable (the longest of this host's connected
+    underlay prefixes that holds it), or None: it must go through the tunnel. Flannel's
+    DirectRouting asks the same of `ip route get` (no gateway: directly reachable)."""
+    best: tuple[IPv4Network, str] | None = None
+    for net, dev in links:
+        if ip in net and (best is None or net.prefixlen > best[0].prefixlen):
+            best = (net, dev)
+    return best[1] if best else None
 
 
 def plan(desired: set[Route] | frozenset[Route], actual: set[Route] | frozenset[Route]) -> list[Op]:

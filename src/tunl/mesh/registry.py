@@ -47,8 +47,9 @@ class Registry:
                                 f"config; refusing it ({err})") from None
 
     def init(self, config: NetworkConfig) -> str:
-        """Store the network config: "created", or "unchanged" when the same one is there; a
-        different one is an error (leases already handed out would fall outside it)."""
+        """Store the network config: "created", or "unchanged" when the same one is there,
+        or "updated" when only --cross-subnet differs (agents take it at their next listing);
+        a different network is an error (leases already handed out would fall outside it)."""
         if self.store.create(self.prefix + "/config", config.to_json()):
             return "created"
         try:
@@ -57,6 +58,10 @@ class Registry:
             there = None
         if there == config:
             return "unchanged"
+        if there is not None and (there.network, there.subnet_len, there.mode) == \
+                (config.network, config.subnet_len, config.mode):
+            self.store.put(self.prefix + "/config", config.to_json())
+            return "updated"
         raise ExistsError(f"registry {self.url} already holds network "
                           f"{there.network if there else '(unreadable config)'} at "
                           f"{self.prefix}; tunl does not change a network nodes lease from")
@@ -106,6 +111,14 @@ class Registry:
                 return lease
             log.info("subnet %s was taken meanwhile; choosing again", subnet)
         raise RegistryError(f"registry {self.url}: no subnet claimed after {CLAIM_TRIES} tries")
+
+    def move(self, lease: Lease, lease_id: int) -> bool:
+        """Rewrite this node's lease in place (its public IP changed): only while the key is
+        still under `lease_id`, by compare-and-put; whether it was."""
+        e = self.store.get(self.key(lease.subnet))
+        if e is None or e.lease != lease_id:
+            return False
+        return self.store.claim(self.key(lease.subnet), lease.to_json(), lease_id, e.mod_rev)
 
     def holds(self, lease: Lease, lease_id: int) -> bool:
         """Whether the registry still has `lease` under `lease_id`."""

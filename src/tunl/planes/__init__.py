@@ -13,6 +13,7 @@ decides between those two, since it is tunld that loads the programs).
 """
 from __future__ import annotations
 
+from ipaddress import IPv4Address
 from typing import Protocol
 
 from ..errors import NoDaemonError, NotFoundError, UnsupportedError
@@ -34,11 +35,17 @@ class DataPlane(Protocol):
 
     def sixrd(self, name: str, prefix, relay) -> None: ...
 
+    def members(self, name: str, addrs: frozenset[IPv4Address] | None) -> None:
+        """Only packets whose outer source is in addrs are taken from the underlay; the rest
+        are dropped and counted (not_member). None: from anyone (the default); an empty set:
+        from no one. Kept across restarts of the plane; deleting the tunnel forgets it."""
+
     def spec(self, name: str) -> TunnelSpec | None:
         """The tunnel's spec, or None when this plane does not hold it."""
 
     def show(self, name: str | None = None) -> list[dict]:
-        """Status of its tunnels: {"spec", "dataplane", "mtu", "up", "counters", ...}."""
+        """Status of its tunnels: {"spec", "dataplane", "mtu", "up", "counters", "members",
+        ...}; "members" is the size of the member set, None when anyone may send."""
 
 
 def for_new(mode: TunnelMode, asked: str) -> DataPlane:

@@ -52,6 +52,17 @@ class KernelPlane:
         with self._tunnels() as k:
             return k.owned(name)
 
+    def members(self, name: str, addrs) -> None:
+        """Only `addrs` may send this tunnel's encapsulation to the host (nftables: the
+        kernel's device takes it from anyone); None: anyone may again."""
+        from ..kernel import nft
+        if addrs is None:
+            nft.remove(nft.MEMBERS)
+            return
+        with self._tunnels() as k:
+            spec = k.read(name)
+        nft.set_members(spec.mode.value, frozenset(addrs))
+
     def show(self, name: str | None = None) -> list[dict]:
         with self._tunnels() as k:
             return [status(k.read(n)) for n in k.names() if name in (None, n)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+from ipaddress import IPv4Address
 
 from ..errors import NotFoundError
 from ..model import ALIAS_PREFIX, TunnelSpec
@@ -36,6 +37,10 @@ class TunldPlane:
     def sixrd(self, name: str, prefix, relay) -> None:
         call("sixrd", name=name, prefix=str(prefix) if prefix else None,
              relay=str(relay) if relay else None)
+
+    def members(self, name: str, addrs: frozenset[IPv4Address] | None) -> None:
+        call("members", name=name,
+             addrs=None if addrs is None else sorted(str(a) for a in addrs))
 
     def spec(self, name: str) -> TunnelSpec | None:
         try:

@@ -22,6 +22,7 @@ class Drop(enum.Enum):
     OUT_OF_SEQ = "out_of_sequence"   # iseq: a missing or older sequence number
     ISATAP_SOURCE = "isatap_source"  # an ISATAP packet from a router not in the list
     SIXRD_SOURCE = "6rd_source"      # a 6rd packet whose inner source does not match its outer
+    NOT_MEMBER = "not_member"        # an outer source not in the tunnel's member set
     PACKET_TOO_BIG = "packet_too_big"  # IPv6 larger than the tunnel MTU: ICMPv6 sent back
     INTERNAL = "internal_error"      # a bug in tunl: logged, counted, the data plane goes on
     SEND_FAILED = "send_failed"      # the underlay refused the packet
