@@ -193,3 +193,25 @@ address = "172.16.1.3/16"
         ("X", "H", "2001:db8:5::5efe:172.16.1.2"),
     ]
     assert all(isinstance(ip_address(t), (IPv4Address, IPv6Address)) for _, _, t in plan)
+
+
+# -- how an ICMP message crossed the wire (the cross-subnet demo) -------------------------------
+
+def test_carried_plain_ipip_and_gre():
+    from tunl.lab.dissect import Carried, carried
+    echo = IP(src="10.42.1.1", dst="10.42.2.1") / ICMP(type=8, id=7, seq=1) / (b"x" * 56)
+    gw1, gw2 = IPv4Address("10.42.1.1"), IPv4Address("10.42.2.1")
+    assert carried(raw(echo)) == Carried(None, gw1, gw2, gw1, gw2, 8)
+    ipip = raw(IP(src="172.16.1.2", dst="172.16.2.2") / echo)
+    assert carried(ipip) == Carried("ipip", IPv4Address("172.16.1.2"), IPv4Address("172.16.2.2"),
+                                    gw1, gw2, 8)
+    assert carried(gre4(key=3, inner=echo)) == Carried("gre", IPv4Address(A), IPv4Address(B),
+                                                       gw1, gw2, 8)
+    # no ICMP over IPv4 inside: not carried
+    assert carried(gre4(inner=ECHO6)) is None
+    assert carried(sit(ECHO6)) is None
+    assert carried(raw(IP(src=A, dst=B) / UDP(dport=53) / b"q")) is None
+    assert carried(raw(IP(src=A, dst=B) / IP(src="10.0.0.1", dst="10.0.0.2") / UDP())) is None
+    assert carried(b"\x45\x00") is None
+    frag = raw(IP(src=A, dst=B, flags="MF") / ICMP())
+    assert carried(frag) is None

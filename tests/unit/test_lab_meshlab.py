@@ -117,3 +117,125 @@ def test_demo_check_of_a_mesh(tmp_path):
     with pytest.raises(demo.LabError, match="the demo of a mesh captures nothing"):
         demo.check(topo(), str(tmp_path / "x.pcap"))
     demo.check(topo())
+
+
+# -- a mesh on segments, cross-subnet -------------------------------------------------------------
+
+XSUB = """
+name = "x"
+[underlay]
+cidr = "172.16.0.0/16"
+[[underlay.segment]]
+cidr = "172.16.1.0/24"
+[[underlay.segment]]
+cidr = "172.16.2.0/24"
+[mesh]
+network = "10.42.0.0/16"
+cross_subnet = {cross}
+[[host]]
+name = "A"
+address = "172.16.1.2/24"
+[[host]]
+name = "B"
+address = "172.16.1.3/24"
+[[host]]
+name = "C"
+address = "172.16.2.2/24"
+"""
+
+
+def xsub(cross: bool = True) -> topology.Topology:
+    return topology.loads(XSUB.format(cross="true" if cross else "false"))
+
+
+def test_init_argv_cross_subnet():
+    assert mesh.init_argv(xsub())[-1] == "--cross-subnet"
+    assert "--cross-subnet" not in mesh.init_argv(xsub(False))
+    assert "--cross-subnet" not in mesh.init_argv(topo())
+
+
+def test_missing_of_a_cross_subnet_mesh():
+    a, b, c = xsub().members
+    n = {h.name: IPv4Network(f"10.42.{i}.0/24") for i, h in enumerate((a, b, c), 1)}
+
+    def routes(h, dev_of):
+        return {n[g.name]: (str(g.address.ip), dev_of(h, g)) for g in (a, b, c) if g is not h}
+
+    def direct(h, g):
+        return "eth0" if h.same_subnet(g) else "tunl0"
+    cross = {h.name: mesh.NodeState(n[h.name], routes(h, direct)) for h in (a, b, c)}
+    assert mesh.missing([a, b, c], cross, cross_subnet=True) == []
+    # a cross-subnet mesh routes A and B to each other directly, and to C through the tunnel
+    assert cross["A"].routes[n["B"]] == ("172.16.1.3", "eth0")
+    assert cross["A"].routes[n["C"]] == ("172.16.2.2", "tunl0")
+    tunnelled = {h.name: mesh.NodeState(n[h.name], routes(h, lambda h, g: "tunl0"))
+                 for h in (a, b, c)}
+    assert mesh.missing([a, b, c], tunnelled) == []
+    assert mesh.missing([a, b, c], tunnelled, cross_subnet=True) == [
+        "A: 10.42.2.0/24 via 172.16.1.3 dev tunl0, not via 172.16.1.3 dev eth0",
+        "B: 10.42.1.0/24 via 172.16.1.2 dev tunl0, not via 172.16.1.2 dev eth0"]
+    assert mesh.missing([a, b, c], cross)[0] == \
+        "A: 10.42.2.0/24 via 172.16.1.3 dev eth0, not via 172.16.1.3 dev tunl0"
+
+
+def _carried(tunnel, osrc, odst, src, dst, t=8):
+    from ipaddress import IPv4Address as I
+    return demo.Carried(tunnel, I(osrc), I(odst), I(src), I(dst), t)
+
+
+def test_classify_pairs():
+    a, b, c = xsub().members
+    ok = demo.PingResult(0, 3, 3, (0.1, 0.1, 0.1))
+    direct = _carried(None, "10.42.1.1", "10.42.2.1", "10.42.1.1", "10.42.2.1")
+    ipip = _carried("ipip", "172.16.1.2", "172.16.2.2", "10.42.1.1", "10.42.3.1")
+    reply = _carried("ipip", "172.16.2.2", "172.16.1.2", "10.42.3.1", "10.42.1.1", 0)
+    packets = [direct, ipip, ipip, reply]             # seen on both bridges: once each
+    ab = demo.classify(a, b, "10.42.1.1", "10.42.2.1", packets, True, ok)
+    ac = demo.classify(a, c, "10.42.1.1", "10.42.3.1", packets, True, ok)
+    assert (ab.seen, ab.want, ab.ok) == ("direct", "direct", True)
+    assert (ac.seen, ac.want, ac.outer, ac.ok) == (
+        "encapsulated", "encapsulated", (("ipip", "172.16.1.2", "172.16.2.2"),), True)
+    # C's reply to A is not A's request to C
+    ca = demo.classify(c, a, "10.42.3.1", "10.42.1.1", packets, True, ok)
+    assert ca.seen == "not seen" and not ca.ok
+    lines = demo.pair_lines([ab, ac, ca])
+    assert lines[0] == ("A → B  same subnet   direct (ICMP 10.42.1.1 → 10.42.2.1 on the wire)"
+                        "  ok")
+    assert lines[1].startswith("A → C  other subnet  encapsulated"
+                               " (IPIP 172.16.1.2 → 172.16.2.2)")
+    assert lines[2].startswith("C → A  other subnet  not seen on the underlay  ")
+    assert lines[2].endswith("  WRONG: other subnet, so encapsulated")
+    assert lines[3] == "1 of 3 pairs not as they should be: C→A"
+    # encapsulated where the mesh is cross-subnet and the pair shares a subnet: wrong
+    tun = _carried("ipip", "172.16.1.2", "172.16.1.3", "10.42.1.1", "10.42.2.1")
+    wrong = demo.classify(a, b, "10.42.1.1", "10.42.2.1", [tun], True, ok)
+    assert wrong.wrong == "WRONG: same subnet and cross-subnet, so direct"
+    # ... and right where it is not cross-subnet
+    assert demo.classify(a, b, "10.42.1.1", "10.42.2.1", [tun], False, ok).ok
+    # direct to another subnet is wrong; so is a tunnel to another member's address, or both
+    assert demo.classify(a, c, "10.42.1.1", "10.42.3.1",
+                         [_carried(None, "10.42.1.1", "10.42.3.1", "10.42.1.1", "10.42.3.1")],
+                         True, ok).wrong == "WRONG: other subnet, so encapsulated"
+    astray = _carried("ipip", "172.16.1.2", "172.16.1.3", "10.42.1.1", "10.42.3.1")
+    assert demo.classify(a, c, "10.42.1.1", "10.42.3.1", [astray], True, ok).wrong == \
+        "WRONG: the outer header should be 172.16.1.2 → 172.16.2.2"
+    mixed = demo.classify(a, b, "10.42.1.1", "10.42.2.1", [direct, tun], True, ok)
+    assert mixed.seen == "mixed" and not mixed.ok
+    # the right way, but no reply
+    lost = demo.classify(a, b, "10.42.1.1", "10.42.2.1", [direct], True,
+                         demo.PingResult(1, 3, 0, None, "no reply"))
+    assert not lost.ok and demo.pair_lines([lost])[0].endswith("  no reply (no reply)")
+    assert demo.pair_lines([ab, ac])[-1] == \
+        "all 2 pairs answered, each as it should cross: 1 direct, 1 encapsulated"
+
+
+def test_routed_demo_and_mover():
+    t = xsub()
+    assert demo.routed(t) and demo.routed(xsub(False)) and not demo.routed(topo())
+    h, address = demo.pick_mover(t, list(t.members))
+    assert h.name == "C" and str(address) == "172.16.1.4/24"
+    assert demo.pick_mover(topo(), list(topo().members)) is None
+    with pytest.raises(demo.LabError, match="keeps no capture"):
+        demo.check(t, "/tmp/x.pcap")
+    assert demo.capture_paths("/d/x.pcap", ("br0", "br1")) == {"br0": "/d/x.pcap",
+                                                                "br1": "/d/x-br1.pcap"}

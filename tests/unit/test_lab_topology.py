@@ -431,8 +431,8 @@ def test_mesh_member_may_have_containers_on_another_bridge():
      "mesh: is a table ([mesh]) with network, subnet_len, mode, registry and ttl"),
     (lambda d: d["mesh"].pop("network"), "mesh: network: missing"),
     (lambda d: d["mesh"].update(netwrk="x"),
-     'mesh: unknown key "netwrk" (known: etcd_address, mode, network, registry, subnet_len,'
-     ' ttl)'),
+     'mesh: unknown key "netwrk" (known: cross_subnet, etcd_address, mode, network, registry,'
+     ' subnet_len, ttl)'),
     (lambda d: d["mesh"].update(network="10.42.0.1/16"),
      'mesh: network "10.42.0.1/16" is not an IPv4 network (address/prefix with no host bits'
      ' set)'),
@@ -506,3 +506,116 @@ def test_mesh_examples():
     assert len(etcd.members) == 3 and etcd.mesh.registry == "etcd" and etcd.mesh.ttl == 4
     assert etcd.mesh.etcd_address == IPv4Address("172.16.255.254")
     assert etcd.mesh.etcd_address not in {h.address.ip for h in etcd.hosts}
+
+
+# -- an underlay of segments joined by a router ------------------------------------------------
+
+SEGMENTS = {
+    "name": "s",
+    "underlay": {"cidr": "172.16.0.0/16",
+                 "segment": [{"cidr": "172.16.1.0/24", "router": "172.16.1.1"},
+                             {"cidr": "172.16.2.0/24"}]},
+    "mesh": {"network": "10.42.0.0/16", "cross_subnet": True},
+    "host": [{"name": "A", "address": "172.16.1.2/24"},
+             {"name": "B", "address": "172.16.1.3/24"},
+             {"name": "C", "address": "172.16.2.2/24"}],
+}
+
+
+def bad_segments(mutate) -> str:
+    data = copy.deepcopy(SEGMENTS)
+    mutate(data)
+    with pytest.raises(ConfigError) as e:
+        t.parse(data)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_segments():
+    topo = t.parse(copy.deepcopy(SEGMENTS))
+    s1, s2 = topo.underlay.segments
+    assert s1 == t.Segment(IPv4Network("172.16.1.0/24"), IPv4Address("172.16.1.1"), "br0")
+    # the router's address defaults to the segment's last
+    assert s2 == t.Segment(IPv4Network("172.16.2.0/24"), IPv4Address("172.16.2.254"), "br1")
+    assert s2.router_interface == IPv4Interface("172.16.2.254/24")
+    assert topo.underlay.bridges == ("br0", "br1")
+    a, b, c = topo.hosts
+    assert [topo.bridge_of(h) for h in topo.hosts] == ["br0", "br0", "br1"]
+    assert topo.segment_of(c) is s2
+    assert a.same_subnet(b) and b.same_subnet(a) and not a.same_subnet(c)
+    assert topo.mesh.cross_subnet is True
+    assert topo.free_address(s1) == IPv4Interface("172.16.1.4/24")
+    assert topo.free_address(s2) == IPv4Interface("172.16.2.3/24")
+    # no segments: one bridge, br0, as before, and every host on-link to every other
+    plain = t.parse(copy.deepcopy(GOOD))
+    assert plain.underlay.segments == () and plain.underlay.bridges == ("br0",)
+    assert plain.segment_of(plain.hosts[0]) is None and plain.bridge_of(plain.hosts[0]) == "br0"
+    assert plain.hosts[0].same_subnet(plain.hosts[1])
+    assert t.parse(copy.deepcopy(MESH)).mesh.cross_subnet is False
+
+
+def test_segments_with_etcd():
+    data = copy.deepcopy(SEGMENTS)
+    data["mesh"]["registry"] = "etcd"
+    # etcd listens on br0's router address by default: every segment reaches it
+    assert t.parse(data).mesh.etcd_address == IPv4Address("172.16.1.1")
+    data["mesh"]["etcd_address"] = "172.16.200.1"
+    assert t.parse(data).mesh.etcd_address == IPv4Address("172.16.200.1")
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda d: d["underlay"].update(segment={"cidr": "172.16.1.0/24"}),
+     "underlay: segment: is a list of tables ([[underlay.segment]])"),
+    (lambda d: d["underlay"].update(segment=[]),
+     "underlay: segment: the list is empty (leave it out for one bridge)"),
+    (lambda d: d["underlay"]["segment"][1].pop("cidr"), "underlay: segment #2: cidr: missing"),
+    (lambda d: d["underlay"]["segment"][1].update(gw="172.16.2.1"),
+     'underlay: segment #2: unknown key "gw" (known: cidr, router)'),
+    (lambda d: d["underlay"]["segment"][1].update(cidr="172.16.2.1/24"),
+     'underlay: segment #2: cidr "172.16.2.1/24" is not an IPv4 network'),
+    (lambda d: d["underlay"]["segment"][1].update(cidr="172.17.2.0/24"),
+     "underlay: segment #2: cidr 172.17.2.0/24 is not inside the underlay cidr 172.16.0.0/16"),
+    (lambda d: d["underlay"]["segment"][1].update(cidr="172.16.0.0/15"),
+     "underlay: segment #2: cidr 172.16.0.0/15 is not inside the underlay cidr"),
+    (lambda d: d["underlay"]["segment"][1].update(cidr="172.16.1.128/25"),
+     "underlay: segment #2: cidr 172.16.1.128/25 overlaps segment #1's 172.16.1.0/24 (a host's"
+     " address is in exactly one segment)"),
+    (lambda d: d["underlay"]["segment"][1].update(cidr="172.16.2.0/31"),
+     "underlay: segment #2: cidr 172.16.2.0/31 has no room for a router and a host"),
+    (lambda d: d["underlay"]["segment"][0].update(router="172.16.2.1"),
+     'underlay: segment #1: router "172.16.2.1" is not in the segment\'s cidr 172.16.1.0/24'),
+    (lambda d: d["underlay"]["segment"][0].update(router="172.16.1.255"),
+     'underlay: segment #1: router "172.16.1.255/24" is the broadcast address of 172.16.1.0/24'),
+    (lambda d: d["underlay"]["segment"][0].update(router="router"),
+     'underlay: segment #1: router "router" is not an IPv4 address'),
+    (lambda d: d["host"][2].update(address="172.16.3.2/24"),
+     'host "C": address "172.16.3.2/24" is in no segment of the underlay (172.16.1.0/24,'
+     " 172.16.2.0/24): with segments, every host's address is in one"),
+    (lambda d: d["host"][2].update(address="172.16.2.2/16"),
+     'host "C": address "172.16.2.2/16" is in segment 172.16.2.0/24 but has prefix /16: a'
+     " host's address takes its segment's prefix, /24"),
+    (lambda d: d["host"][0].update(address="172.16.1.1/24"),
+     'host "A": address "172.16.1.1/24" is the router address of segment 172.16.1.0/24 (on br0'
+     " of the underlay)"),
+    (lambda d: d["host"][2].update(address="172.16.2.254/24"),
+     'host "C": address "172.16.2.254/24" is the router address of segment 172.16.2.0/24'),
+    (lambda d: d["mesh"].update(cross_subnet="yes"),
+     'mesh: cross_subnet "yes" is not true or false'),
+    (lambda d: d["mesh"].update(cross_subnet=1), "mesh: cross_subnet 1 is not true or false"),
+    (lambda d: d["mesh"].update(registry="etcd", etcd_address="172.16.2.255"),
+     'mesh: etcd_address "172.16.2.255/24" is the broadcast address of 172.16.2.0/24'),
+    (lambda d: d["mesh"].update(registry="etcd", etcd_address="172.16.2.2"),
+     'mesh: etcd_address "172.16.2.2" is host "C"\'s address'),
+])
+def test_segment_errors_name_the_rule(mutate, expected):
+    assert expected in bad_segments(mutate)
+
+
+def test_cross_subnet_example():
+    topo = t.load(ROOT / "examples" / "cross-subnet.toml")
+    assert [h.name for h in topo.members] == ["A", "B", "C", "D"]
+    assert topo.mesh == t.Mesh(IPv4Network("10.42.0.0/16"), 24, "ipip", "sqlite", 4, None, True)
+    assert [str(s.cidr) for s in topo.underlay.segments] == ["172.16.1.0/24", "172.16.2.0/24"]
+    assert [str(s.router) for s in topo.underlay.segments] == ["172.16.1.254", "172.16.2.254"]
+    assert [topo.bridge_of(h) for h in topo.hosts] == ["br0", "br0", "br1", "br1"]

@@ -279,6 +279,11 @@ def leave(a, opts) -> int:
                 pass
         else:
             net.remove_address(dev, IPv4Interface(f"{subnet.network_address}/32"))
+            from .. import planes
+            try:                      # a tunnel the agent did not make takes anyone again
+                planes.find(dev)[0].members(dev, None)
+            except TunlError:
+                pass
         if f"bridge {bridge}" in made:
             net.delete_link(bridge)
         else:

@@ -23,7 +23,8 @@ PROG = "tunl lab"
 # each verb: its words (iproute2's BNF) and what it does
 VERBS = {
     "up":   ("[ -v ] FILE",
-             "build the lab: namespaces tl-NAME-*, the underlay bridge br0, veths; then run"
+             "build the lab: namespaces tl-NAME-*, the underlay bridge br0 (with segments: one"
+             " bridge per segment, routed by the underlay namespace), veths; then run"
              " each host's commands; with a [mesh], start its registry and an agent per member"
              " and wait until every member routes to every other"),
     "down": ("[ -v ] { FILE | --lab NAME }",
@@ -35,7 +36,10 @@ VERBS = {
              "up, ping every target of every other host, show the captured underlay packets"
              " decoded and the tunnels' counters, down; with a [mesh]: up (the members join),"
              " ping every pair, kill one member and take it off the underlay, time its routes'"
-             " going, bring it back, ping every pair again, down"),
+             " going, bring it back, ping every pair again, down; with a [mesh] on segments"
+             " or cross_subnet: up, ping every pair while capturing on every segment bridge and"
+             " say which went direct and which encapsulated, move one member to another"
+             " segment, the same again, down"),
     "list": ("", "the labs that are up, with their nodes"),
 }
 
@@ -55,9 +59,12 @@ def _usage() -> str:
 
 Where: FILE := a topology file (TOML), as in examples/
        NAME := the name of a lab, as its FILE and `{PROG} list` say it
-       NODE := {{ HOST | HOST-CONTAINER | ul }}   (ul: the underlay, where br0 is)
+       NODE := {{ HOST | HOST-CONTAINER | ul }}   (ul: the underlay, with its bridges;
+               with segments, the router between them)
        CMD  := a command, run with its ARGs in NODE's namespace (`ip netns exec`)
-       PATH := where to keep the demo's underlay capture (pcap); default: not kept
+       PATH := where to keep the demo's underlay capture (pcap; with segments, one per
+               bridge: PATH for br0, PATH with "-br1" before its extension for br1, ...);
+               default: not kept
        N    := how many captured packets to decode; default: the first of each
                direction of each ping
        -v, --verbose := show each step and its output

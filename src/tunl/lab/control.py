@@ -1,7 +1,10 @@
 """Bring a lab up and down, and find the namespace of a node in a running lab.
 
-up:  tl-<lab>-ul with bridge br0; per host a namespace tl-<lab>-<host> whose eth0 is a veth
-     into br0, with the host's underlay address, lo up and ip_forward on; then each host's
+up:  tl-<lab>-ul with bridge br0 (with segments: one bridge per segment, br0, br1, ..., each
+     with its router address, and ip_forward on: the underlay namespace routes between them);
+     per host a namespace tl-<lab>-<host> whose eth0 is a veth into br0 (its segment's bridge),
+     with the host's underlay address (and a default route via its segment's router), lo up
+     and ip_forward on; then each host's
      commands in order (`ip netns exec NS sh -c CMD`, with `tunl` on PATH); then, for a lab
      with a [mesh], its registry and an agent per member, until every member routes to every
      other (mesh.py); then each container: a namespace tl-<lab>-<host>-<container> whose eth0
@@ -20,7 +23,8 @@ import signal
 import subprocess
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Interface
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import netns
@@ -79,11 +83,24 @@ def up(topo: Topology, *, log: Log = _quiet,
 def _build(topo: Topology, log: Log, timeout: float) -> "MeshLab | None":
     mtu = str(topo.underlay.mtu)
     ul = topo.ns_underlay
-    log(f"[{UNDERLAY}] namespace {ul}, bridge {BRIDGE} mtu {mtu}")
+    segments = topo.underlay.segments
+    if not segments:
+        log(f"[{UNDERLAY}] namespace {ul}, bridge {BRIDGE} mtu {mtu}")
     netns.add(ul)
     netns.ip("link", "set", "lo", "up", ns=ul)
-    netns.ip("link", "add", BRIDGE, "mtu", mtu, "type", "bridge", ns=ul)
-    netns.ip("link", "set", BRIDGE, "up", ns=ul)
+    if not segments:
+        netns.ip("link", "add", BRIDGE, "mtu", mtu, "type", "bridge", ns=ul)
+        netns.ip("link", "set", BRIDGE, "up", ns=ul)
+    for seg in segments:
+        log(f"[{UNDERLAY}] namespace {ul}, bridge {seg.bridge} mtu {mtu}: segment {seg.cidr},"
+            f" router {seg.router}")
+        netns.ip("link", "add", seg.bridge, "mtu", mtu, "type", "bridge", ns=ul)
+        netns.ip("addr", "add", str(seg.router_interface), "dev", seg.bridge, ns=ul)
+        netns.ip("link", "set", seg.bridge, "up", ns=ul)
+    if segments:
+        # the underlay namespace is the router between the segments
+        log(f"[{UNDERLAY}] net.ipv4.ip_forward=1")
+        netns.set_sysctl(ul, "net.ipv4.ip_forward", "1")
     for h in topo.hosts:
         with _about(h):
             _build_host(topo, h, mtu, log)
@@ -121,17 +138,40 @@ def _build(topo: Topology, log: Log, timeout: float) -> "MeshLab | None":
 
 def _build_host(topo: Topology, h: Host, mtu: str, log: Log) -> None:
     ns, ul = topo.ns_host(h), topo.ns_underlay
-    log(f"[{h.name}] namespace {ns}, eth0 {h.address} (peer {h.port} on {BRIDGE})")
+    bridge, seg = topo.bridge_of(h), topo.segment_of(h)
+    log(f"[{h.name}] namespace {ns}, eth0 {h.address} (peer {h.port} on {bridge})"
+        + (f", default via {seg.router}" if seg else ""))
     netns.add(ns)
     # created in the namespaces directly: the root namespace never sees these names
     netns.ip("link", "add", h.port, "mtu", mtu, "type", "veth",
              "peer", "name", "eth0", "mtu", mtu, "netns", ns, ns=ul)
-    netns.ip("link", "set", h.port, "master", BRIDGE, "up", ns=ul)
+    netns.ip("link", "set", h.port, "master", bridge, "up", ns=ul)
     netns.ip("addr", "add", str(h.address), "dev", "eth0", ns=ns)
     netns.ip("link", "set", "eth0", "up", ns=ns)
     netns.ip("link", "set", "lo", "up", ns=ns)
+    if seg is not None:
+        netns.ip("route", "add", "default", "via", str(seg.router), "dev", "eth0", ns=ns)
     # hosts route for their containers, as a node routes for its pods
     netns.set_sysctl(ns, "net.ipv4.ip_forward", "1")
+
+
+def move_host(topo: Topology, h: Host, address: IPv4Interface, log: Log = _quiet) -> Host:
+    """Readdress host h into the segment of `address`, as a machine moved to another subnet:
+    its port goes to that segment's bridge, its eth0 gets the new address (the old one, and the
+    routes through it, go), its default route the new segment's router. Returns h as it now is.
+    """
+    seg = topo.underlay.segment(address)
+    if seg is None or address.network != seg.cidr:
+        raise LabError(f'host "{h.name}": {address} is no address of a segment of the underlay')
+    ns, ul = topo.ns_host(h), topo.ns_underlay
+    log(f"[{h.name}] eth0 {h.address} -> {address} (peer {h.port} on {seg.bridge}), default"
+        f" via {seg.router}")
+    netns.ip("link", "set", h.port, "nomaster", ns=ul)
+    netns.ip("link", "set", h.port, "master", seg.bridge, "up", ns=ul)
+    netns.ip("addr", "flush", "dev", "eth0", ns=ns)
+    netns.ip("addr", "add", str(address), "dev", "eth0", ns=ns)
+    netns.ip("route", "replace", "default", "via", str(seg.router), "dev", "eth0", ns=ns)
+    return replace(h, address=address)
 
 
 @contextmanager

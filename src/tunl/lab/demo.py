@@ -16,6 +16,20 @@ reports of a host that forwards (it joins ff02::2):
 
     NoRoute 2 on sit2: IPv6 multicast the kernel sent into sit2, 2 MLDv2 reports to ff02::16
     (for group ff02::2): a tunnel without remote has no IPv4 destination for it
+
+With segments, tcpdump captures on each segment's bridge (br0, br1, ...) and each capture is
+decoded on its own.
+
+A mesh: run_mesh (join, every pair pings, a member killed and brought back). A mesh on segments,
+or a cross-subnet one: run_routed_mesh. Every member pings every other member's gateway from
+its own while tcpdump captures on each bridge, and each pair's echo requests, found on the wire
+(dissect.carried), say how they crossed, against how the mesh should carry them:
+
+    A → B  same subnet   direct (ICMP 10.42.21.1 → 10.42.16.1 on the wire)  ok
+    A → C  other subnet  encapsulated (IPIP 172.16.1.2 → 172.16.2.2)        ok
+
+then the last member moves into another segment (MeshLab.move) and the pairs are classified
+again. Any pair carried the wrong way, or unanswered, fails the demo.
 """
 from __future__ import annotations
 
@@ -34,8 +48,9 @@ from typing import TextIO
 
 from . import control, netns, pcap
 from .mesh import RTPROT_TUNL, MeshLab, log_tail
-from .dissect import TUNNEL_PROTOS, dissect, show_address
+from .dissect import TUNNEL_PROTOS, Carried, carried, dissect, show_address
 from .netns import LabError
+from ..wire.icmp import ECHO_REQUEST as ICMP_ECHO_REQUEST
 from .topology import BRIDGE, Host, Topology
 
 PING_COUNT = 3
@@ -103,12 +118,28 @@ def plan(topo: Topology) -> list[tuple[Host, Host, str]]:
             for t in b.ping_targets]
 
 
+def routed(topo: Topology) -> bool:
+    """Whether the demo of a mesh is the one of how its pairs cross the underlay
+    (run_routed_mesh): a cross-subnet mesh, or a mesh on an underlay of segments."""
+    return topo.mesh is not None and (topo.mesh.cross_subnet or bool(topo.underlay.segments))
+
+
+def capture_paths(path: str, bridges: tuple[str, ...]) -> dict[str, str]:
+    """{bridge: pcap file}: the first bridge's is `path`, another's has "-<bridge>" before the
+    extension (x.pcap, x-br1.pcap)."""
+    root, ext = os.path.splitext(path)
+    return {b: path if i == 0 else f"{root}-{b}{ext}" for i, b in enumerate(bridges)}
+
+
 def check(topo: Topology, pcap_path: str | None = None) -> None:
     """What would make the demo fail after bringing the lab up, said before it does."""
     if topo.mesh is not None:
         if len(topo.members) < 2:
             raise LabError(f'demo: the mesh of lab "{topo.name}" has one member, so nothing to'
                            " ping (the demo pings every member from every other)")
+        if pcap_path is not None and routed(topo):
+            raise LabError(f"demo: --pcap {pcap_path}: the demo of a mesh on segments keeps no"
+                           " capture (it decodes each segment bridge's into its table of pairs)")
         if pcap_path is not None:
             raise LabError(f"demo: --pcap {pcap_path}: the demo of a mesh captures nothing")
         return
@@ -121,10 +152,12 @@ def check(topo: Topology, pcap_path: str | None = None) -> None:
             raise LabError(f"demo: --pcap {pcap_path}: directory {where} does not exist")
 
 
-def ping(ns: str, target: str) -> PingResult:
-    """iputils ping takes an IPv4 or an IPv6 address (with %zone for a link-local) alike."""
+def ping(ns: str, target: str, source: str | None = None) -> PingResult:
+    """iputils ping takes an IPv4 or an IPv6 address (with %zone for a link-local) alike;
+    `source`: the address it sends from (-I)."""
+    src = ["-I", source] if source else []
     r = netns.run(netns.exec_argv(ns, ["ping", "-n", "-c", str(PING_COUNT), "-i", PING_INTERVAL,
-                                       "-W", PING_WAIT, target]), timeout=30)
+                                       "-W", PING_WAIT, *src, target]), timeout=30)
     return parse_ping(r.stdout, r.returncode, r.stderr)
 
 
@@ -162,7 +195,7 @@ def tunnelled_summary(counts: dict[str, int]) -> str:
     return f"{total} of them tunnelled" + (f" ({', '.join(parts)})" if parts else "")
 
 
-def decode_capture(path: str, show: int | None = SHOW) -> list[str]:
+def decode_capture(path: str, show: int | None = SHOW, iface: str = BRIDGE) -> list[str]:
     """Lines describing a capture: the first packet of each flow, up to `show` of them (None:
     all of them)."""
     try:
@@ -175,7 +208,7 @@ def decode_capture(path: str, show: int | None = SHOW) -> list[str]:
     for _, d in packets:
         if d.tunnel:
             counts[d.tunnel] = counts.get(d.tunnel, 0) + 1
-    lines = [f"captured {len(packets)} IPv4 packets on {BRIDGE}, {tunnelled_summary(counts)}"]
+    lines = [f"captured {len(packets)} IPv4 packets on {iface}, {tunnelled_summary(counts)}"]
     if not packets:
         return lines
     lines[0] += "; the first of each direction of each ping, decoded with tunl.wire:"
@@ -300,11 +333,17 @@ def noroute_lines(ns: str) -> list[str]:
 # -- capture ---------------------------------------------------------------------------------
 
 class Capture:
-    """`tcpdump -i br0 -w FILE -c N` in the underlay namespace, started and stopped by us."""
+    """`tcpdump -i br0 -w FILE [-c N]` in the underlay namespace, started and stopped by us.
 
-    def __init__(self, ns: str, path: str, count: int):
-        self.path = path
-        argv = netns.exec_argv(ns, ["tcpdump", "-i", BRIDGE, "-w", path, "-c", str(count),
+    Without a count it runs until stop(), so it is in immediate mode: libpcap (TPACKET_V3)
+    otherwise hands packets over a ring block at a time, after up to a second, and those of a
+    block not yet handed over when tcpdump is interrupted are lost.
+    """
+
+    def __init__(self, ns: str, path: str, count: int | None, iface: str = BRIDGE):
+        self.path, self.iface = path, iface
+        until = ["-c", str(count)] if count is not None else ["--immediate-mode"]
+        argv = netns.exec_argv(ns, ["tcpdump", "-i", iface, "-w", path, *until,
                                     "-n", "-U", "-Z", "root", CAPTURE_FILTER])
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
@@ -322,7 +361,7 @@ class Capture:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
                 self.stop()
-                raise LabError(f"tcpdump did not start listening on {BRIDGE}"
+                raise LabError(f"tcpdump did not start listening on {self.iface}"
                                f" within {CAPTURE_START:g} s")
             chunk = os.read(fd, 4096)
             if not chunk:
@@ -355,40 +394,51 @@ def run(topo: Topology, out: TextIO, *, pcap_path: str | None = None, show: int 
     check(topo, pcap_path)
     if shutil.which("ping") is None:
         raise LabError("ping: not found (install iputils-ping)")
-    if topo.mesh is not None:
+    if topo.mesh is not None and not routed(topo):
         if show is not None:
             raise LabError(f"demo: --show {show}: the demo of a mesh captures nothing")
         return run_mesh(topo, out, log=log)
     if shutil.which("tcpdump") is None:
         raise LabError("tcpdump: not found (install tcpdump)")
+    if topo.mesh is not None:
+        if show is not None:
+            raise LabError(f"demo: --show {show}: the demo of a mesh on segments shows how"
+                           " each pair's packets crossed, not the packets")
+        return run_routed_mesh(topo, out, log=log)
     control.check_not_up(topo)        # before the try: a lab of that name that is up is not ours
     tmpdir = None
     if pcap_path is None:
         tmpdir = tempfile.mkdtemp(prefix="tunl-lab-")
         pcap_path = os.path.join(tmpdir, f"{topo.name}.pcap")
-    pcap_path = os.path.abspath(pcap_path)
-    capture = None
+    paths = capture_paths(os.path.abspath(pcap_path), topo.underlay.bridges)
+    captures: list[Capture] = []
     try:
         print(f"lab {topo.name}: up ({_n(len(topo.hosts), 'host')})", file=out, flush=True)
         control.up(topo, log=log)
         pings = plan(topo)
-        # every ping: a request and a reply, each crossing br0 once
-        capture = Capture(topo.ns_underlay, pcap_path, 2 * PING_COUNT * len(pings))
+        # every ping: a request and a reply, each crossing a bridge once (or, from one segment
+        # to another, each of their bridges once)
+        for bridge, path in paths.items():
+            captures.append(Capture(topo.ns_underlay, path, 2 * PING_COUNT * len(pings),
+                                    bridge))
         print(f"\nping -c {PING_COUNT} -i {PING_INTERVAL}, every target of every other host"
-              f" (capturing on {BRIDGE} of {topo.ns_underlay}):", file=out, flush=True)
+              f" (capturing on {' and '.join(paths)} of {topo.ns_underlay}):", file=out,
+              flush=True)
         rows = []
         for a, b, target in pings:
             r = ping(topo.ns_host(a), target)
             rows.append((a.name, b.name, target, r))
         for line in ping_table(rows):
             print("  " + line, file=out)
-        capture.stop(CAPTURE_DRAIN)
-        capture = None
-        print(file=out)
-        for line in decode_capture(pcap_path, show):
-            print(line, file=out)
-        if not tmpdir:
-            print(f"  (capture kept in {pcap_path})", file=out)
+        for c in captures:
+            c.stop(CAPTURE_DRAIN)
+        captures = []
+        for bridge, path in paths.items():
+            print(file=out)
+            for line in decode_capture(path, show, bridge):
+                print(line, file=out)
+            if not tmpdir:
+                print(f"  (capture kept in {path})", file=out)
         print(file=out)
         for h in topo.hosts:
             print(f"{h.name}: tunl -d -s tunnel show", file=out)
@@ -410,8 +460,8 @@ def run(topo: Topology, out: TextIO, *, pcap_path: str | None = None, show: int 
         return 1 if failed else 0
     finally:
         with control.uninterrupted():
-            if capture is not None:
-                capture.stop()
+            for c in captures:
+                c.stop()
             report = control.down(topo.name, log=log)
             if report.namespaces:
                 print(f"lab {topo.name}: down", file=out, flush=True)
@@ -582,3 +632,269 @@ def run_mesh(topo: Topology, out: TextIO, *, log: control.Log = control._quiet) 
                 running.reap()
             if report.namespaces:
                 print(f"lab {topo.name}: down", file=out, flush=True)
+
+
+# -- the demo of a mesh on segments: which pairs cross the underlay directly ------------------
+
+DIRECT, ENCAPSULATED = "direct", "encapsulated"
+MOVE_DRAIN = 0.3              # seconds for the last packets of the pings to reach tcpdump
+
+
+@dataclass(frozen=True)
+class PairPath:
+    """How member src's echo requests to member dst's gateway crossed the underlay."""
+    src: Host
+    dst: Host
+    src_gw: ipaddress.IPv4Address
+    dst_gw: ipaddress.IPv4Address
+    want: str                                   # DIRECT or ENCAPSULATED
+    seen: str                                   # DIRECT, ENCAPSULATED, "mixed" or "not seen"
+    outer: tuple[tuple[str, str, str], ...]     # (tunnel, outer src, outer dst) of tunnelled ones
+    ping: PingResult
+
+    @property
+    def same_subnet(self) -> bool:
+        return self.src.same_subnet(self.dst)
+
+    @property
+    def want_outer(self) -> tuple[str, str]:
+        return str(self.src.address.ip), str(self.dst.address.ip)
+
+    @property
+    def wrong(self) -> str:
+        """Why the pair is not as the mesh should carry it ("" when it is)."""
+        if self.seen != self.want:
+            why = "same subnet" if self.same_subnet else "other subnet"
+            if self.want == DIRECT:
+                return f"WRONG: {why} and cross-subnet, so direct"
+            return f"WRONG: {why}, so encapsulated"
+        if self.want == ENCAPSULATED and {o[1:] for o in self.outer} != {self.want_outer}:
+            src, dst = self.want_outer
+            return f"WRONG: the outer header should be {src} → {dst}"
+        return ""
+
+    @property
+    def ok(self) -> bool:
+        return self.ping.ok and not self.wrong
+
+    def how(self) -> str:
+        icmp = f"ICMP {self.src_gw} → {self.dst_gw} on the wire"
+        tunnelled = ", ".join(f"{t.upper()} {s} → {d}" for t, s, d in self.outer)
+        if self.seen == DIRECT:
+            return f"direct ({icmp})"
+        if self.seen == ENCAPSULATED:
+            return f"encapsulated ({tunnelled})"
+        if self.seen == "mixed":
+            return f"mixed: direct ({icmp}) and encapsulated ({tunnelled})"
+        return "not seen on the underlay"
+
+
+def classify(src: Host, dst: Host, src_gw, dst_gw, packets: list[Carried], cross_subnet: bool,
+             result: PingResult) -> PairPath:
+    """(pure) The pair's echo requests among the captured packets (those from src's gateway to
+    dst's): sent as they are, or inside a tunnel. A cross-subnet mesh sends directly to a
+    member of its own underlay subnet and encapsulates to the others; any other mesh
+    encapsulates to every member."""
+    src_gw, dst_gw = ipaddress.IPv4Address(src_gw), ipaddress.IPv4Address(dst_gw)
+    mine = [c for c in packets
+            if c.src == src_gw and c.dst == dst_gw and c.icmp_type == ICMP_ECHO_REQUEST]
+    direct = any(c.tunnel is None for c in mine)
+    outer = tuple(sorted({(c.tunnel, str(c.outer_src), str(c.outer_dst))
+                          for c in mine if c.tunnel is not None}))
+    seen = ("mixed" if direct and outer else DIRECT if direct else ENCAPSULATED if outer
+            else "not seen")
+    want = DIRECT if cross_subnet and src.same_subnet(dst) else ENCAPSULATED
+    return PairPath(src, dst, src_gw, dst_gw, want, seen, outer, result)
+
+
+def pair_lines(pairs: list[PairPath]) -> list[str]:
+    """The table, a line per pair:
+    `A → B  same subnet   direct (ICMP 10.42.1.1 → 10.42.2.1 on the wire)  ok` (or what is
+    wrong with it), and a summary line."""
+    if not pairs:
+        return ["no pairs"]
+    wn = max(len(p.src.name) for p in pairs), max(len(p.dst.name) for p in pairs)
+    hows = [p.how() for p in pairs]
+    wh = max(len(h) for h in hows)
+    lines = []
+    for p, how in zip(pairs, hows):
+        where = "same subnet" if p.same_subnet else "other subnet"
+        notes = [p.wrong] if p.wrong else []
+        if not p.ping.ok:
+            notes.append(f"no reply ({p.ping.error})" if p.ping.error else "no reply")
+        lines.append(f"{p.src.name:<{wn[0]}} → {p.dst.name:<{wn[1]}}  {where:<12}  {how:<{wh}}"
+                     f"  {'; '.join(notes) or 'ok'}".rstrip())
+    bad = [p for p in pairs if not p.ok]
+    if bad:
+        lines.append(f"{len(bad)} of {len(pairs)} pairs not as they should be: "
+                     + ", ".join(f"{p.src.name}→{p.dst.name}" for p in bad))
+    else:
+        n = sum(p.seen == DIRECT for p in pairs)
+        lines.append(f"all {len(pairs)} pairs answered, each as it should cross: {n} direct,"
+                     f" {len(pairs) - n} encapsulated")
+    return lines
+
+
+def read_carried(paths: list[str]) -> list[Carried]:
+    """The ICMP messages of the captures, each as it crossed the wire."""
+    out = []
+    for path in paths:
+        try:
+            linktype, records = pcap.read(path)
+        except (OSError, ValueError):
+            continue
+        for r in records:
+            p = pcap.ip_packet(linktype, r.data)
+            if p is not None and (c := carried(p)) is not None:
+                out.append(c)
+    return out
+
+
+def ping_pairs(topo: Topology, running: MeshLab, tmpdir: str, tag: str) -> list[PairPath]:
+    """Every member pings every other member's gateway from its own (ping -I), all at once,
+    while tcpdump captures on each bridge of the underlay; each pair classified."""
+    states = running.states()
+    gw = {h.name: states[h.name].subnet.network_address + 1 for h in running.members
+          if states[h.name].subnet is not None}
+    pairs = [(a, b) for a in running.members for b in running.members
+             if a is not b and a.name in gw and b.name in gw]
+    captures = []
+    try:
+        for bridge in topo.underlay.bridges:
+            captures.append(Capture(topo.ns_underlay, os.path.join(tmpdir, f"{tag}-{bridge}.pcap"),
+                                    None, bridge))
+        with ThreadPoolExecutor(max_workers=max(1, len(pairs))) as pool:
+            futures = [pool.submit(ping, topo.ns_host(a), str(gw[b.name]), str(gw[a.name]))
+                       for a, b in pairs]
+        results = [f.result() for f in futures]
+    finally:
+        for c in captures:
+            c.stop(MOVE_DRAIN)
+    packets = read_carried([c.path for c in captures])
+    cross = topo.mesh is not None and topo.mesh.cross_subnet
+    return [classify(a, b, gw[a.name], gw[b.name], packets, cross, r)
+            for (a, b), r in zip(pairs, results)]
+
+
+def pick_mover(topo: Topology, members: list[Host]):
+    """(member, address) for the demo's move: the last member, into the first other segment,
+    at its first free address; None without two segments."""
+    if len(topo.underlay.segments) < 2:
+        return None
+    h = members[-1]
+    own = topo.segment_of(h)
+    for seg in topo.underlay.segments:
+        if seg is not own and (address := topo.free_address(seg)) is not None:
+            return h, address
+    return None
+
+
+def _print_routes(out: TextIO, topo: Topology, h: Host) -> None:
+    r = netns.run(["ip", "-n", topo.ns_host(h), "route", "show", "proto", RTPROT_TUNL],
+                  timeout=10)
+    print(f"{h.name}: ip route show proto {RTPROT_TUNL}", file=out)
+    for line in r.stdout.splitlines():
+        print(f"  {line.rstrip()}", file=out)
+
+
+def _print_members(out: TextIO, topo: Topology, running: MeshLab) -> None:
+    states = running.states()
+    rows = [("node", "underlay", "segment", "subnet", "gateway")]
+    for h in running.members:
+        subnet = states[h.name].subnet
+        seg = topo.underlay.segment(h.address)
+        rows.append((h.name, str(h.address.ip), f"{seg.cidr} ({seg.bridge})" if seg else "-",
+                     str(subnet), str(subnet.network_address + 1) if subnet else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4], file=out)
+
+
+def run_routed_mesh(topo: Topology, out: TextIO, *,
+                    log: control.Log = control._quiet) -> int:
+    """The demo of a mesh on segments (or a cross-subnet one): up (the members join), every
+    member pings every other member's gateway while tcpdump captures on each bridge of the
+    underlay, and the table says of each pair whether its packets crossed directly or
+    encapsulated, and whether that is how the mesh should carry them; then one member moves to
+    another segment (mesh.MeshLab.move) and the table again; down. 0 when all of that held."""
+    mesh = topo.mesh
+    assert mesh is not None
+    t_demo = time.monotonic()
+    ok = True
+    running = None
+    control.check_not_up(topo)        # before the try: a lab of that name that is up is not ours
+    tmpdir = tempfile.mkdtemp(prefix="tunl-lab-")
+    try:
+        members = list(topo.members)
+        hosts, joining = _n(len(topo.hosts), "host"), _n(len(members), "mesh member")
+        print(f"lab {topo.name}: up ({hosts}, {joining}); mesh {mesh.network}, subnet-len"
+              f" {mesh.subnet_len}, mode {mesh.mode}"
+              + (", cross-subnet" if mesh.cross_subnet else "")
+              + f", registry {mesh.registry}, ttl {mesh.ttl} s", file=out)
+        segs = topo.underlay.segments
+        if segs:
+            print(f"underlay {topo.underlay.cidr}: "
+                  + ", ".join(f"{s.cidr} on {s.bridge} (router {s.router})" for s in segs)
+                  + f"; {topo.ns_underlay} routes between them", file=out, flush=True)
+        running = control.up(topo, log=log)
+        assert running is not None
+        joined = running.joined_in
+        print(f"joined: every member routes to every other {joined:.2f} s after the agents"
+              f" started (registry {running.url})", file=out)
+        _print_members(out, topo, running)
+        _print_routes(out, topo, running.members[0])
+
+        bridges = " and ".join(topo.underlay.bridges)
+        print(f"\nping -c {PING_COUNT} -i {PING_INTERVAL} -I <its gateway>, every member to"
+              f" every other member's gateway (capturing on {bridges} of {topo.ns_underlay}):",
+              file=out, flush=True)
+        pairs = ping_pairs(topo, running, tmpdir, "joined")
+        for line in pair_lines(pairs):
+            print("  " + line, file=out)
+        ok &= all(p.ok for p in pairs)
+
+        move = pick_mover(topo, running.members)
+        moved_in = None
+        if move is None:
+            print("\n(no move: the underlay has fewer than two segments)", file=out)
+        else:
+            h, address = move
+            old = running.states([h])[h.name].subnet
+            seg = topo.underlay.segment(address)
+            print(f"\n{h.name} moves to segment {seg.cidr}: its agent stopped, tunl mesh leave,"
+                  f" eth0 {h.address} -> {address} on {seg.bridge}, default via {seg.router},"
+                  " its agent started again", file=out, flush=True)
+            t0 = time.monotonic()
+            try:
+                moved = running.move(h, address)
+                moved_in = running.wait_whole(t0, CONVERGE_AGAIN)
+            except LabError as e:
+                print(f"  {e}", file=out)
+                _print_tails(out, running, [h.name])
+                print("cross-subnet demo: FAILED", file=out)
+                return 1
+            new = running.states([moved])[moved.name].subnet
+            print(f"  {h.name} leased {new} (before: {old}) with public IP {address.ip}; every"
+                  f" member routes to every other again {moved_in:.2f} s after its agent"
+                  " stopped", file=out)
+            _print_routes(out, topo, moved)
+            print("\nping again:", file=out, flush=True)
+            pairs = ping_pairs(topo, running, tmpdir, "moved")
+            for line in pair_lines(pairs):
+                print("  " + line, file=out)
+            ok &= all(p.ok for p in pairs)
+
+        move_text = f"; move {moved_in:.2f} s" if moved_in is not None else ""
+        print(f"\ntimings: join {joined:.2f} s{move_text}; demo"
+              f" {time.monotonic() - t_demo:.1f} s", file=out)
+        what = "cross-subnet demo" if mesh.cross_subnet else "mesh demo"
+        print(f"{what}: " + ("every check held" if ok else "FAILED"), file=out)
+        return 0 if ok else 1
+    finally:
+        with control.uninterrupted():
+            report = control.down(topo.name, log=log)
+            if running is not None:
+                running.reap()
+            if report.namespaces:
+                print(f"lab {topo.name}: down", file=out, flush=True)
+            shutil.rmtree(tmpdir, ignore_errors=True)

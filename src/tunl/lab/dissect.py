@@ -15,6 +15,10 @@ and the inner packet is shown down to its ICMP or ICMPv6 message:
 
 `flow` tells the packets of one direction of one ping from those of another (and of another
 tunnel: the GRE key is part of it), so that a capture can be shown one packet per flow.
+
+`carried` says how an IPv4 ICMP message crossed the wire: plain (routed directly), or inside
+an ipip or gre packet between two underlay addresses, which a cross-subnet mesh's demo checks
+pair by pair.
 """
 from __future__ import annotations
 
@@ -188,3 +192,52 @@ def _icmpv6(data, src: bytes, dst: bytes) -> tuple[str, object]:
     if m.type == 2:
         return f"ICMPv6 {name}, mtu {m.rest}", 256 + m.type
     return f"ICMPv6 {name}", 256 + m.type
+
+
+@dataclass(frozen=True)
+class Carried:
+    """An IPv4 ICMP message as it crossed the wire: `tunnel` None when it was sent as it is
+    (outer = inner), else "ipip" or "gre" with the outer addresses of the tunnel's packet."""
+    tunnel: str | None
+    outer_src: IPv4Address
+    outer_dst: IPv4Address
+    src: IPv4Address
+    dst: IPv4Address
+    icmp_type: int
+
+
+def carried(packet) -> Carried | None:
+    """How a captured IPv4 packet carried an IPv4 ICMP message (plain, ipip, or gre with
+    protocol type 0x0800); None for anything else, a fragment or a malformed packet."""
+    v = memoryview(bytes(packet))
+    try:
+        outer = IPv4Header.parse(v)
+    except ValueError:
+        return None
+    if outer.flags_frag & (MF | OFFSET_MASK):
+        return None
+    payload = v[outer.ihl * 4:outer.total_len]
+    tunnel = None
+    if outer.proto == PROTO_ICMP:
+        inner, body = outer, payload
+    else:
+        if outer.proto == PROTO_IPIP:
+            data = payload
+        elif outer.proto == PROTO_GRE:
+            parsed = gre.parse(payload, 0, len(payload))
+            if isinstance(parsed, Drop) or parsed[1] != gre.ETH_P_IP:
+                return None
+            data = payload[parsed[4]:]
+        else:
+            return None
+        tunnel = TUNNEL_PROTOS[outer.proto]
+        try:
+            inner = IPv4Header.parse(data)
+        except ValueError:
+            return None
+        if inner.proto != PROTO_ICMP or inner.flags_frag & (MF | OFFSET_MASK):
+            return None
+        body = data[inner.ihl * 4:inner.total_len]
+    if len(body) < 1:
+        return None
+    return Carried(tunnel, outer.src, outer.dst, inner.src, inner.dst, body[0])

@@ -1,10 +1,15 @@
 """A lab's mesh: `tunl mesh` for real, one agent in each member's namespace.
 
 start: the registry (sqlite: a file in the lab's run dir; etcd: a 3-member cluster in the
-       underlay namespace, listening on etcd_address, which br0 gets), `tunl mesh init` once,
-       `tunl mesh agent` in each member's namespace in the background (its log:
-       <run dir>/agent-<host>.log), then wait until every member has an on-link route
-       (proto 116, dev tunl0) to every other member's subnet, via that member's underlay address.
+       underlay namespace, listening on etcd_address, which br0 gets), `tunl mesh init` once
+       (with --cross-subnet for `cross_subnet = true`), `tunl mesh agent` in each member's
+       namespace in the background (its log: <run dir>/agent-<host>.log), then wait until every
+       member has a route (proto 116) to every other member's subnet, via that member's
+       underlay address: on-link on tunl0, or, in a cross-subnet mesh, on eth0 to a member
+       whose underlay address is on-link to its own (the same underlay subnet).
+move:  a member readdressed into another segment (`lab demo`): its agent stopped, `tunl mesh
+       leave` (its lease released, its routes removed), its underlay moved (control.move_host),
+       its agent started again with the new public IP; then wait until whole again.
 stop:  nothing of its own: `control.down` ends the agents and the etcd members with the other
        processes of the namespaces, then removes the run dir and the registry in it.
 
@@ -63,7 +68,15 @@ def init_argv(topo: Topology) -> list[str]:
     mesh = topo.mesh
     assert mesh is not None
     return ["tunl", "mesh", "init", "--registry", registry_url(topo), "--network",
-            str(mesh.network), "--subnet-len", str(mesh.subnet_len), "--mode", mesh.mode]
+            str(mesh.network), "--subnet-len", str(mesh.subnet_len), "--mode", mesh.mode] \
+        + (["--cross-subnet"] if mesh.cross_subnet else [])
+
+
+def route_dev(h: Host, g: Host, cross_subnet: bool) -> str:
+    """The device of member h's route to member g's subnet: the underlay device when a
+    cross-subnet mesh routes to g directly (g's underlay address is on-link to h's), else the
+    tunnel."""
+    return UNDERLAY_DEV if cross_subnet and h.same_subnet(g) else MESH_DEV
 
 
 # -- what a member has --------------------------------------------------------------------------
@@ -106,10 +119,11 @@ def node_state(ns: str) -> NodeState:
     return NodeState(subnet, routes)
 
 
-def missing(members: list[Host], states: dict[str, NodeState]) -> list[str]:
+def missing(members: list[Host], states: dict[str, NodeState],
+            cross_subnet: bool = False) -> list[str]:
     """What keeps the mesh from being whole (pure): for each member, each other member's
-    subnet it has no route to (or one via another gateway or device), and each route of proto
-    116 it has to no member's subnet. Empty when every member routes to every other."""
+    subnet it has no route to (or one via another gateway or device: route_dev), and each route
+    of proto 116 it has to no member's subnet. Empty when every member routes to every other."""
     out = []
     subnets = {h.name: states[h.name].subnet for h in members}
     for h in members:
@@ -122,7 +136,7 @@ def missing(members: list[Host], states: dict[str, NodeState]) -> list[str]:
             if g is h or subnet is None:
                 continue
             got = routes.pop(subnet, None)
-            want = (str(g.address.ip), MESH_DEV)
+            want = (str(g.address.ip), route_dev(h, g, cross_subnet))
             if got is None:
                 out.append(f"{h.name}: no route to {g.name}'s {subnet}")
             elif got != want:
@@ -233,9 +247,22 @@ class MeshLab:
         if shutil.which("etcd") is None:
             raise LabError("etcd: not found (install etcd-server, or say registry = \"sqlite\")")
         ul, addr = self.topo.ns_underlay, self.mesh.etcd_address
-        iface = f"{addr}/{self.topo.underlay.cidr.prefixlen}"
-        self.log(f"[ul] {BRIDGE} {iface}; etcd, {ETCD_MEMBERS} members on {addr}")
-        netns.ip("addr", "add", iface, "dev", BRIDGE, ns=ul)
+        underlay = self.topo.underlay
+        if not underlay.segments:
+            iface = f"{addr}/{underlay.cidr.prefixlen}"
+            self.log(f"[ul] {BRIDGE} {iface}; etcd, {ETCD_MEMBERS} members on {addr}")
+            netns.ip("addr", "add", iface, "dev", BRIDGE, ns=ul)
+        elif addr in {s.router for s in underlay.segments}:
+            self.log(f"[ul] etcd, {ETCD_MEMBERS} members on {addr} (a router address: every"
+                     " segment reaches it)")
+        else:
+            # a /32: the segments' connected routes stay as they are, and every host reaches
+            # it through its router (or on-link, when it is in the host's segment: the underlay
+            # namespace answers ARP for each of its addresses on every bridge)
+            seg = underlay.segment(addr)
+            bridge = seg.bridge if seg is not None else BRIDGE
+            self.log(f"[ul] {bridge} {addr}/32; etcd, {ETCD_MEMBERS} members on {addr}")
+            netns.ip("addr", "add", f"{addr}/32", "dev", bridge, ns=ul)
         self.etcd = NsEtcdCluster(ul, os.path.join(self.dir, "etcd"), str(addr))
         self.etcd.start()
 
@@ -262,6 +289,41 @@ class MeshLab:
         self.agents[h.name] = p
         return p
 
+    def stop_agent(self, h: Host) -> int:
+        """SIGTERM to h's agent (it keeps its lease and routes, as on a restart); its pid."""
+        p = self.agents[h.name]
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        return p.pid
+
+    def leave(self, h: Host) -> list[str]:
+        """`tunl mesh leave` in h's namespace (its agent stopped first); its output lines."""
+        argv = ["tunl", "mesh", "leave"]
+        self.log(f"[{h.name}] {' '.join(argv)}")
+        r = netns.run(netns.exec_argv(self.topo.ns_host(h), argv), timeout=30,
+                      env=netns.tool_env())
+        if r.returncode != 0:
+            raise LabError(f'host "{h.name}": tunl mesh leave failed (exit {r.returncode})'
+                           + (f": {r.last_error_line}" if r.last_error_line else ""))
+        return [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+
+    def move(self, h: Host, address: IPv4Interface) -> Host:
+        """Member h to `address` in another segment: its agent stopped, `tunl mesh leave`, the
+        underlay moved (control.move_host), its agent started again (its public IP: eth0's new
+        address). Returns h as it now is; the lab's members are updated (`missing` checks the
+        routes to its new address). Whether the mesh is whole again is wait_whole's."""
+        from . import control
+        self.stop_agent(h)
+        self.leave(h)
+        moved = control.move_host(self.topo, h, address, self.log)
+        self.members = [moved if m.name == h.name else m for m in self.members]
+        self.start_agent(moved)
+        return moved
+
     def kill_agent(self, h: Host) -> int:
         """SIGKILL to h's agent (as a power loss would end it); its pid."""
         p = self.agents[h.name]
@@ -275,7 +337,7 @@ class MeshLab:
         return {h.name: node_state(self.topo.ns_host(h)) for h in hosts or self.members}
 
     def missing(self) -> list[str]:
-        return missing(self.members, self.states())
+        return missing(self.members, self.states(), self.mesh.cross_subnet)
 
     def _check_agents(self) -> None:
         for name, p in self.agents.items():

@@ -11,6 +11,12 @@ A file looks like this (see examples/):
     [underlay]
     cidr = "172.16.0.0/16"
     mtu = 1500                      # optional
+    [[underlay.segment]]            # optional: the underlay as subnets joined by a router
+    cidr = "172.16.1.0/24"          # inside the underlay cidr; segments do not overlap
+    router = "172.16.1.254"         # optional: the router's address on it (default: the
+                                    # segment's last address)
+    [[underlay.segment]]
+    cidr = "172.16.2.0/24"
     [[host]]
     name = "A"
     address = "172.16.232.172/16"
@@ -37,13 +43,23 @@ An overlay that builds itself (`tunl mesh`), instead of commands that build it b
     ttl = 4                         # optional: seconds of a lease; a dead member's routes are
                                     # gone within twice that
     etcd_address = "172.16.255.254" # optional, etcd only: where its members listen (default:
-                                    # the underlay's last address), on br0 of the underlay
+                                    # the underlay's last address; with segments, the first
+                                    # segment's router address), on br0 of the underlay
+    cross_subnet = true             # optional: `tunl mesh init --cross-subnet` (flannel's
+                                    # DirectRouting): members route straight to the members of
+                                    # their own underlay subnet, through the tunnel to the others
 
 Every host is a member (runs `tunl mesh agent`) unless it says `mesh = false`. A member's
 subnet is leased at `lab up`, so the file gives it no ping_target (the demo pings each
 member's bridge gateway) and no container on the mesh's bridge mybr0.
 
-Namespaces are `tl-<lab>-ul` (the underlay, with bridge br0), `tl-<lab>-<host>` and
+Without segments the underlay is one bridge, br0, and every host's address is on-link to every
+other's. With segments it is one bridge per segment (br0, br1, ... in the file's order), each
+carrying its router address, and the underlay namespace forwards between them: it is the router.
+A host's address is then in exactly one segment, with the segment's prefix (it is on-link to the
+hosts of its segment only), and the host's default route is via its segment's router.
+
+Namespaces are `tl-<lab>-ul` (the underlay, with its bridges), `tl-<lab>-<host>` and
 `tl-<lab>-<host>-<container>`. Lab, host and container names have no "-", so a namespace name
 says which lab it belongs to: every namespace that starts with `tl-<lab>-` is that lab's.
 """
@@ -51,7 +67,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, ip_address
 
 from ..errors import ConfigError
@@ -59,7 +75,8 @@ from ..model import check_ifname
 
 PREFIX = "tl-"
 UNDERLAY = "ul"              # the underlay's namespace suffix: no host may have this name
-BRIDGE = "br0"               # the underlay bridge, in tl-<lab>-ul
+BRIDGE = "br0"               # the underlay bridge, in tl-<lab>-ul (the first, with segments)
+BRIDGE_PREFIX = "br"         # segment i's bridge is br<i>
 PORT_PREFIX = "ve-"          # host side: ve-<container>; underlay side: ve-<host>
 MAX_LAB_NAME = 24
 MAX_NODE_NAME = 12           # so that ve-<name> fits in IFNAMSIZ - 1 = 15 characters
@@ -116,9 +133,40 @@ def split_ns(ns: str) -> tuple[str, str] | None:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """One subnet of a routed underlay: its bridge in tl-<lab>-ul carries `router`."""
+    cidr: IPv4Network
+    router: IPv4Address
+    bridge: str                              # br0, br1, ... in the file's order
+
+    @property
+    def router_interface(self) -> IPv4Interface:
+        return IPv4Interface((self.router, self.cidr.prefixlen))
+
+
+@dataclass(frozen=True)
 class Underlay:
     cidr: IPv4Network
     mtu: int = DEFAULT_MTU
+    segments: tuple[Segment, ...] = ()       # none: one bridge br0, no router
+
+    @property
+    def bridges(self) -> tuple[str, ...]:
+        """The bridges of the underlay namespace, in the order `up` makes them."""
+        return tuple(s.bridge for s in self.segments) or (BRIDGE,)
+
+    def segment(self, address: IPv4Address | IPv4Interface) -> Segment | None:
+        """The segment an address is in (None without segments, or outside them all)."""
+        ip = address.ip if isinstance(address, IPv4Interface) else address
+        for s in self.segments:
+            if ip in s.cidr:
+                return s
+        return None
+
+    def bridge(self, address: IPv4Address | IPv4Interface) -> str:
+        """The bridge a host with this address is attached to."""
+        seg = self.segment(address)
+        return seg.bridge if seg is not None else BRIDGE
 
 
 @dataclass(frozen=True)
@@ -148,8 +196,14 @@ class Host:
 
     @property
     def port(self) -> str:
-        """The veth end in the underlay namespace, attached to br0."""
+        """The veth end in the underlay namespace, attached to its segment's bridge (br0 when
+        the underlay has no segments)."""
         return PORT_PREFIX + self.name
+
+    def same_subnet(self, other: "Host") -> bool:
+        """Whether `other`'s underlay address is on-link to this host's (a cross-subnet mesh
+        routes to it directly, not through the tunnel)."""
+        return other.address.ip in self.address.network
 
 
 @dataclass(frozen=True)
@@ -160,6 +214,7 @@ class Mesh:
     registry: str = "sqlite"
     ttl: int = MESH_TTL
     etcd_address: IPv4Address | None = None   # registry "etcd": where its members listen
+    cross_subnet: bool = False                 # `tunl mesh init --cross-subnet`
 
     @property
     def subnets(self) -> int:
@@ -205,6 +260,27 @@ class Topology:
             if h.name == name:
                 return h
         raise KeyError(name)
+
+    def segment_of(self, host: Host) -> Segment | None:
+        return self.underlay.segment(host.address)
+
+    def bridge_of(self, host: Host) -> str:
+        return self.underlay.bridge(host.address)
+
+    def free_address(self, segment: Segment) -> IPv4Interface | None:
+        """An address of `segment` that no host, router or etcd has, with the segment's prefix:
+        where `lab demo` moves a host into that segment. The first after the segment's hosts'
+        (172.16.1.4 after .2 and .3), else the first free one."""
+        used = {h.address.ip for h in self.hosts} | {s.router for s in self.underlay.segments}
+        if self.mesh is not None and self.mesh.etcd_address is not None:
+            used.add(self.mesh.etcd_address)
+        last = max((h.address.ip for h in self.hosts if h.address.ip in segment.cidr),
+                   default=None)
+        free = (ip for ip in segment.cidr.hosts() if ip not in used)
+        after = (ip for ip in free if last is None or ip > last)
+        pick = next(after, None) or next((ip for ip in segment.cidr.hosts() if ip not in used),
+                                         None)
+        return IPv4Interface((pick, segment.cidr.prefixlen)) if pick is not None else None
 
 
 # -- parsing -------------------------------------------------------------------------------
@@ -284,13 +360,47 @@ def _network(value, word: str) -> IPv4Network:
 def _parse_underlay(raw) -> Underlay:
     if not isinstance(raw, dict):
         raise ConfigError("underlay: is a table ([underlay]) with cidr and mtu")
-    _keys(raw, "underlay: ", required={"cidr"}, optional={"mtu"})
+    _keys(raw, "underlay: ", required={"cidr"}, optional={"mtu", "segment"})
     net = _network(raw["cidr"], "underlay: cidr")
     mtu = raw.get("mtu", DEFAULT_MTU)
     # 68: the least MTU of IPv4 (RFC 791); 65535: the largest an IPv4 total length can say
     if not isinstance(mtu, int) or isinstance(mtu, bool) or not 68 <= mtu <= 65535:
         raise ConfigError(f"underlay: mtu {_show(mtu)} is not a number from 68 to 65535")
-    return Underlay(net, mtu)
+    segments: list[Segment] = []
+    if "segment" in raw:
+        seg_raw = raw["segment"]
+        if not isinstance(seg_raw, list) or not all(isinstance(x, dict) for x in seg_raw):
+            raise ConfigError("underlay: segment: is a list of tables ([[underlay.segment]])")
+        if not seg_raw:
+            raise ConfigError("underlay: segment: the list is empty (leave it out for one"
+                              " bridge)")
+        for i, x in enumerate(seg_raw):
+            segments.append(_parse_segment(x, i, net, segments))
+    return Underlay(net, mtu, tuple(segments))
+
+
+def _parse_segment(raw: dict, index: int, underlay: IPv4Network,
+                   before: list[Segment]) -> Segment:
+    where = f"underlay: segment #{index + 1}: "
+    _keys(raw, where, required={"cidr"}, optional={"router"})
+    cidr = _network(raw["cidr"], where + "cidr")
+    if not cidr.subnet_of(underlay):
+        raise ConfigError(f"{where}cidr {cidr} is not inside the underlay cidr {underlay}")
+    if cidr.prefixlen > 30:
+        raise ConfigError(f"{where}cidr {cidr} has no room for a router and a host (a segment"
+                          " is at most a /30)")
+    for j, other in enumerate(before):
+        if cidr.overlaps(other.cidr):
+            raise ConfigError(f"{where}cidr {cidr} overlaps segment #{j + 1}'s {other.cidr}"
+                              " (a host's address is in exactly one segment)")
+    if "router" in raw:
+        router = _address(raw["router"], where + "router")
+        if router not in cidr:
+            raise ConfigError(f'{where}router "{router}" is not in the segment\'s cidr {cidr}')
+        _usable(IPv4Interface((router, cidr.prefixlen)), where + "router")
+    else:
+        router = cidr.broadcast_address - 1         # the segment's last address
+    return Segment(cidr, router, f"{BRIDGE_PREFIX}{index}")
 
 
 def _parse_host(raw: dict, index: int, underlay: Underlay, meshed: bool = False) -> Host:
@@ -316,6 +426,8 @@ def _parse_host(raw: dict, index: int, underlay: Underlay, meshed: bool = False)
         raise ConfigError(f'{where}address "{address}" is not in the underlay cidr'
                           f' {underlay.cidr}')
     _usable(address, where + "address")
+    if underlay.segments:
+        _check_segment(address, underlay, where)
     targets = _ping_targets(raw.get("ping_target", str(address.ip)), where + "ping_target")
     commands = raw.get("commands", [])
     if not isinstance(commands, list) or not all(isinstance(c, str) for c in commands):
@@ -338,6 +450,23 @@ def _parse_host(raw: dict, index: int, underlay: Underlay, meshed: bool = False)
                               " whose subnet the host leases at `lab up`: no address in the"
                               " file can be known to be in it")
     return Host(name, address, targets, tuple(commands), containers, member)
+
+
+def _check_segment(address: IPv4Interface, underlay: Underlay, where: str) -> None:
+    """With segments: the address is in exactly one (they do not overlap), with its prefix, and
+    is not its router's."""
+    seg = underlay.segment(address)
+    if seg is None:
+        cidrs = ", ".join(str(s.cidr) for s in underlay.segments)
+        raise ConfigError(f'{where}address "{address}" is in no segment of the underlay'
+                          f" ({cidrs}): with segments, every host's address is in one")
+    if address.network != seg.cidr:
+        raise ConfigError(f'{where}address "{address}" is in segment {seg.cidr} but has prefix'
+                          f" /{address.network.prefixlen}: a host's address takes its segment's"
+                          f" prefix, /{seg.cidr.prefixlen}")
+    if address.ip == seg.router:
+        raise ConfigError(f'{where}address "{address}" is the router address of segment'
+                          f" {seg.cidr} (on {seg.bridge} of the underlay)")
 
 
 def _parse_container(raw: dict, index: int, where: str) -> Container:
@@ -368,7 +497,7 @@ def _parse_mesh(raw, underlay: Underlay) -> Mesh:
                           " and ttl")
     where = "mesh: "
     _keys(raw, where, required={"network"},
-          optional={"subnet_len", "mode", "registry", "ttl", "etcd_address"})
+          optional={"subnet_len", "mode", "registry", "ttl", "etcd_address", "cross_subnet"})
     network = _network(raw["network"], f"{where}network")
     if network.overlaps(underlay.cidr):
         raise ConfigError(f"{where}network {network} overlaps the underlay cidr {underlay.cidr}"
@@ -395,6 +524,9 @@ def _parse_mesh(raw, underlay: Underlay) -> Mesh:
     if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < MESH_MIN_TTL:
         raise ConfigError(f"{where}ttl {_show(ttl)} is not a number of seconds of at least"
                           f" {MESH_MIN_TTL} (a lease is renewed every ttl/4)")
+    cross_subnet = raw.get("cross_subnet", False)
+    if not isinstance(cross_subnet, bool):
+        raise ConfigError(f"{where}cross_subnet {_show(cross_subnet)} is not true or false")
     etcd_address = None
     if "etcd_address" in raw:
         if registry != "etcd":
@@ -404,8 +536,10 @@ def _parse_mesh(raw, underlay: Underlay) -> Mesh:
         if etcd_address not in underlay.cidr:
             raise ConfigError(f'{where}etcd_address "{etcd_address}" is not in the underlay'
                               f" cidr {underlay.cidr} (the hosts reach etcd over the underlay)")
-        _usable(IPv4Interface((etcd_address, underlay.cidr.prefixlen)), where + "etcd_address")
-    return Mesh(network, subnet_len, mode, registry, ttl, etcd_address)
+        seg = underlay.segment(etcd_address)
+        _usable(IPv4Interface((etcd_address, (seg.cidr if seg else underlay.cidr).prefixlen)),
+                where + "etcd_address")
+    return Mesh(network, subnet_len, mode, registry, ttl, etcd_address, cross_subnet)
 
 
 def _check_mesh(mesh: Mesh, underlay: Underlay, hosts: list[Host]) -> Mesh:
@@ -419,6 +553,9 @@ def _check_mesh(mesh: Mesh, underlay: Underlay, hosts: list[Host]) -> Mesh:
     if mesh.registry != "etcd":
         return mesh
     address, given = mesh.etcd_address, mesh.etcd_address is not None
+    if address is None and underlay.segments:
+        # br0 already carries the first segment's router address, reached from every segment
+        return replace(mesh, etcd_address=underlay.segments[0].router)
     if address is None:
         net = underlay.cidr
         if net.prefixlen > 30:
@@ -433,7 +570,7 @@ def _check_mesh(mesh: Mesh, underlay: Underlay, hosts: list[Host]) -> Mesh:
             raise ConfigError(f"mesh: etcd listens on {address} (the underlay's last address)"
                               f' by default, which is host "{h.name}"\'s: choose another with'
                               " etcd_address")
-    return Mesh(mesh.network, mesh.subnet_len, mesh.mode, mesh.registry, mesh.ttl, address)
+    return replace(mesh, etcd_address=address)
 
 
 def _check_unique(hosts: list[Host]) -> None:
