@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
@@ -30,7 +29,7 @@ if shutil.which("ip") is None or shutil.which("ping") is None:
 
 import nsutil  # noqa: E402
 from nsutil import alive, namespaces  # noqa: E402
-from tunl.lab import control, topology  # noqa: E402
+from tunl.lab import control  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TTL = 4                                     # both examples' ttl
@@ -45,23 +44,9 @@ def lab_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 @pytest.fixture
 def example(tmp_path):
     """examples/FILE under a fresh lab name: (path, topology); torn down afterwards."""
-    made = []
-
-    def write(file: str):
-        name = "t" + uuid.uuid4().hex[:8]
-        text = (ROOT / "examples" / file).read_text()
-        old = topology.load(ROOT / "examples" / file).name
-        text = text.replace(f'name = "{old}"', f'name = "{name}"', 1)
-        path = tmp_path / f"{name}.toml"
-        path.write_text(text)
-        made.append(name)
-        return str(path), topology.load(path)
-
-    yield write
-    for name in made:
-        control.down(name)
-        assert namespaces(name) == []
-        assert not os.path.exists(topology.run_dir(name))
+    labs = nsutil.ExampleLabs(tmp_path)
+    yield labs.write
+    labs.down()
 
 
 def state(ns: str) -> tuple[IPv4Network | None, dict[IPv4Network, tuple[str, str, bool]]]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from ipaddress import IPv4Network
+
 
 import pytest
 
@@ -104,7 +104,7 @@ def test_same_subnet_peers_route_directly_the_others_through_the_tunnel(cross):
     assert route(c, a) == f"via {a.ip} dev tunl0 onlink"
     show = a.tunl(f"mesh show --registry sqlite://{tmp}/mesh.db").stdout
     assert "cross-subnet" in show.splitlines()[0]
-    assert f"direct eth0" in show and " yes" in show
+    assert "direct eth0" in show and " yes" in show
 
 
 def test_captures_show_which_pairs_are_encapsulated(cross):

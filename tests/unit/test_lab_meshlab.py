@@ -45,7 +45,8 @@ def test_registry_urls_and_commands():
                                  "--subnet-len", "24", "--mode", "ipip"]
     assert mesh.agent_argv(t, t.hosts[1]) == [
         "tunl", "mesh", "agent", "--registry", "sqlite:///run/tunl/lab/m/mesh.db",
-        "--iface", "eth0", "--node", "B", "--ttl", "4"]
+        "--iface", "eth0", "--node", "B", "--ttl", "4", "--resync", "1",
+        "--subnet-file", "/run/tunl/lab/m/B.subnet.env"]
     e = topo('registry = "etcd"\netcd_address = "172.16.7.7"')
     assert mesh.registry_url(e) == \
         "etcd://172.16.7.7:2379,172.16.7.7:2380,172.16.7.7:2381"

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import netns
 from .netns import LabError
-from .topology import BRIDGE, UNDERLAY, Host, Topology, ns_prefix, run_dir, split_ns
+from .topology import BRIDGE, BRIDGE_PREFIX, UNDERLAY, Host, Topology, ns_prefix, run_dir, split_ns
 
 if TYPE_CHECKING:
     from .mesh import MeshLab
@@ -94,7 +94,10 @@ def _build(topo: Topology, log: Log, timeout: float) -> "MeshLab | None":
     for seg in segments:
         log(f"[{UNDERLAY}] namespace {ul}, bridge {seg.bridge} mtu {mtu}: segment {seg.cidr},"
             f" router {seg.router}")
-        netns.ip("link", "add", seg.bridge, "mtu", mtu, "type", "bridge", ns=ul)
+        # a bridge takes its lowest port's MAC unless given one: a port that moves between
+        # bridges would change the router's MAC under the hosts' ARP caches
+        mac = f"02:74:6c:00:00:{int(seg.bridge[len(BRIDGE_PREFIX):]) + 1:02x}"
+        netns.ip("link", "add", seg.bridge, "address", mac, "mtu", mtu, "type", "bridge", ns=ul)
         netns.ip("addr", "add", str(seg.router_interface), "dev", seg.bridge, ns=ul)
         netns.ip("link", "set", seg.bridge, "up", ns=ul)
     if segments:

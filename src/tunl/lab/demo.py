@@ -861,9 +861,9 @@ def run_routed_mesh(topo: Topology, out: TextIO, *,
             h, address = move
             old = running.states([h])[h.name].subnet
             seg = topo.underlay.segment(address)
-            print(f"\n{h.name} moves to segment {seg.cidr}: its agent stopped, tunl mesh leave,"
-                  f" eth0 {h.address} -> {address} on {seg.bridge}, default via {seg.router},"
-                  " its agent started again", file=out, flush=True)
+            print(f"\n{h.name} moves to segment {seg.cidr}: eth0 {h.address} -> {address} on "
+                  f"{seg.bridge}, default via {seg.router}, its agent running",
+                  file=out, flush=True)
             t0 = time.monotonic()
             try:
                 moved = running.move(h, address)
@@ -874,9 +874,10 @@ def run_routed_mesh(topo: Topology, out: TextIO, *,
                 print("cross-subnet demo: FAILED", file=out)
                 return 1
             new = running.states([moved])[moved.name].subnet
-            print(f"  {h.name} leased {new} (before: {old}) with public IP {address.ip}; every"
-                  f" member routes to every other again {moved_in:.2f} s after its agent"
-                  " stopped", file=out)
+            kept = "kept" if new == old else f"leased {new} (before: {old})"
+            print(f"  {h.name} {kept} its subnet {old} with public IP {address.ip}; every"
+                  f" member routes to every other again {moved_in:.2f} s after the move",
+                  file=out)
             _print_routes(out, topo, moved)
             print("\nping again:", file=out, flush=True)
             pairs = ping_pairs(topo, running, tmpdir, "moved")

@@ -39,6 +39,7 @@ RTPROT_TUNL = "116"         # the agent's route protocol (tunl.mesh.plan.RTPROT_
 CONVERGE_WITHIN = 30.0      # seconds for every member to have every route, at `lab up`
 POLL = 0.05                 # seconds between looks at the members' routes
 ETCD_PORT = 2379            # etcd's client ports 2379..2381, its peer ports 2382..2384
+RESYNC = 1            # s: a lab agent reads its address and routes again this often
 UNDERLAY_DEV = "eth0"       # a host's underlay device (control._build_host)
 LOG_TAIL = 5                # lines of an agent's log quoted when it fails
 CLONE_NEWNET = 0x40000000   # <linux/sched.h>
@@ -61,7 +62,8 @@ def agent_argv(topo: Topology, h: Host) -> list[str]:
     """`tunl mesh agent` for member h, its public IP that of its underlay device."""
     assert topo.mesh is not None
     return ["tunl", "mesh", "agent", "--registry", registry_url(topo), "--iface", UNDERLAY_DEV,
-            "--node", h.name, "--ttl", str(topo.mesh.ttl)]
+            "--node", h.name, "--ttl", str(topo.mesh.ttl), "--resync", str(RESYNC),
+            "--subnet-file", f"{topo.run_dir}/{h.name}.subnet.env"]
 
 
 def init_argv(topo: Topology) -> list[str]:
@@ -312,16 +314,14 @@ class MeshLab:
         return [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
 
     def move(self, h: Host, address: IPv4Interface) -> Host:
-        """Member h to `address` in another segment: its agent stopped, `tunl mesh leave`, the
-        underlay moved (control.move_host), its agent started again (its public IP: eth0's new
-        address). Returns h as it now is; the lab's members are updated (`missing` checks the
-        routes to its new address). Whether the mesh is whole again is wait_whole's."""
+        """Member h to `address` in another segment, its agent running: the underlay moved
+        (control.move_host); the agent sees eth0's new address at its next resync and rewrites
+        its lease (same subnet, new public IP), and every other member re-routes it. Returns h
+        as it now is; the lab's members are updated (`missing` checks the routes to its new
+        address). Whether the mesh is whole again is wait_whole's."""
         from . import control
-        self.stop_agent(h)
-        self.leave(h)
         moved = control.move_host(self.topo, h, address, self.log)
         self.members = [moved if m.name == h.name else m for m in self.members]
-        self.start_agent(moved)
         return moved
 
     def kill_agent(self, h: Host) -> int:
