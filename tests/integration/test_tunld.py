@@ -178,8 +178,12 @@ def service(name: str):
         main = subprocess.Popen(argv, env=ENV, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            st = wait_for(lambda: h.tunl("-j daemon status", check=False).returncode == 0
-                          and status(h), 10)
+            # asked without starting one: `tunl daemon status` would start a tunld of its
+            # own if it came before the unit's
+            probe = (f"{sys.executable} -c 'import json;from tunl.daemon import client;"
+                     "print(json.dumps(client.call(\"status\", autostart=False)))'")
+            st = wait_for(lambda: (r := h.run(probe, check=False)).returncode == 0
+                          and json.loads(r.stdout), 10)
             assert st, "tunld did not answer"
             yield h, main, st
         finally:

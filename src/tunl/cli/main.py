@@ -1,6 +1,6 @@
 """tunl [ OPTIONS ] OBJECT { COMMAND | help }
 
-OBJECT := { tunnel | mesh | lab | daemon | doctor }
+OBJECT := { tunnel | xfrm | mesh | lab | daemon | doctor }
 OPTIONS := { -s[tatistics] | -d[etails] | -j[son] [ -p[retty] ] | -V[ersion] | -h[elp] |
              --dataplane { auto | kernel | ebpf | userspace } }
 """
@@ -139,7 +139,7 @@ def show_tunnels(f: dict, opts: dict) -> int:
         if opts["details"]:
             out.write(show.details_line(t) + "\n")
         if opts["stats"]:
-            out.write(show.stats_lines(t["counters"]) + "\n")
+            out.write(show.stats_lines(t["counters"], t.get("xfrm")) + "\n")
     return 0
 
 
@@ -205,6 +205,8 @@ def usage() -> str:
             "`ip tunnel`\n"
             "  tunl tunnel capture NAME [ TCPDUMP-OPTIONS ]   tcpdump on a tunnel, both ways\n"
             "  tunl tunnel help   every word of tunl tunnel\n"
+            "  tunl xfrm { state | policy } { add | update | del | get | show | flush } ...   "
+            "like `ip xfrm`: IPsec for vti\n"
             "  tunl mesh { init | agent | show | leave } ...   the overlay: subnet leases "
             "in a registry, an agent per node\n"
             "  tunl lab { up FILE | down FILE | exec NODE -- CMD | demo FILE | list }\n"
@@ -270,6 +272,9 @@ def run(argv: list[str]) -> int:
     obj, args = argv[0], argv[1:]
     if grammar.matches(obj, "tunnel") or grammar.matches(obj, "tunl"):
         return do_tunnel(args, opts)
+    if grammar.matches(obj, "xfrm"):
+        from .xfrm import main as xfrm_main
+        return xfrm_main(args, opts)
     if grammar.matches(obj, "mesh"):
         from .mesh import main as mesh_main
         return mesh_main(args, opts)

@@ -67,8 +67,9 @@ def selected(spec: dict, f: dict) -> bool:
             ("mode" not in f or f["mode"].value == spec["mode"]))
 
 
-def stats_lines(c: dict) -> str:
-    """The two tables of `ip -s tunnel show`, then tunl's drops by reason."""
+def stats_lines(c: dict, xfrm: dict | None = None) -> str:
+    """The two tables of `ip -s tunnel show`, then tunl's drops by reason, and for a vti the
+    namespace's xfrm error counters under the kernel's names (/proc/net/xfrm_stat)."""
     lines = [
         "RX: Packets    Bytes        Errors CsumErrs OutOfSeq Mcasts",
         f"    {c['rx_packets']:<10} {c['rx_bytes']:<12} {c['rx_errors']:<6} "
@@ -80,6 +81,8 @@ def stats_lines(c: dict) -> str:
     drops = [f"{k}={v}" for d in (c["rx_drop"], c["tx_drop"]) for k, v in sorted(d.items())]
     if drops:
         lines.append("Drops: " + " ".join(drops))
+    if xfrm:
+        lines.append("Xfrm: " + " ".join(f"{k}={v}" for k, v in sorted(xfrm.items())))
     return "\n".join(lines)
 
 
@@ -122,4 +125,6 @@ def to_json(status: dict) -> dict:
                members=status.get("members"), stats=status["counters"])
     if "ebpf" in status:
         out["ebpf"] = status["ebpf"]
+    if "xfrm" in status:
+        out["xfrm"] = status["xfrm"]
     return out

@@ -65,6 +65,7 @@ OPS = {
     "capture": {"name": (str, True), "pid": ((int, type(None)), True)},
     "status": {},
     "shutdown": {},
+    "xfrm": {"call": (str, True), "item": ((dict, type(None)), False), "update": (bool, False)},
 }
 # what any user of the namespace may ask (`tunl tunnel show`, `-s`, `-j`, `tunl daemon
 # status`), as iproute2 lets anyone read tunnels, links and counters; the rest is root's
@@ -137,6 +138,7 @@ class Tunld:
         recorded = self.state.load()
         self.planes = dict(self.state.planes)
         self.members = dict(self.state.members)
+        self._load_xfrm()
         if recorded is None:
             recorded = {link.name: (link.index, spec) for link in links.values()
                         if link.kind == "tun" and (spec := spec_from_alias(link.alias))
@@ -477,7 +479,13 @@ class Tunld:
         if dataplane not in ("auto", "ebpf", "userspace"):
             raise ConfigError(f'--dataplane "{dataplane}": the data planes are auto, kernel, '
                               "ebpf and userspace")
-        modes.module_for(spec.mode)     # vti: refused with the reason
+        modes.module_for(spec.mode)
+        if spec.mode is TunnelMode.VTI:
+            if dataplane == "ebpf":
+                raise UnsupportedError("--dataplane ebpf: a vti's packets are encrypted and "
+                                       "decrypted by tunld itself (ESP), not by the eBPF "
+                                       "programs; use --dataplane userspace (or auto)")
+            return "userspace"
         if dataplane == "userspace":
             return dataplane
         why = self.ebpf.available()
@@ -681,6 +689,8 @@ class Tunld:
                "mtu": t.mtu, "up": t.up, "routes": len(t.fib4) + len(t.fib6),
                "members": None if t.members is None else len(t.members),
                "counters": t.counters.as_dict()}
+        if t.spec.mode is TunnelMode.VTI:       # the namespace's, as /proc/net/xfrm_stat
+            out["xfrm"] = self.engine.xfrm.counters()
         if t.ifindex in self.ebpf.tunnels:
             out["dataplane"] = "ebpf"
             out["ebpf"] = self.ebpf.status(t.ifindex, out["counters"])
@@ -714,6 +724,64 @@ class Tunld:
         t = self._ours(name, "get")
         return sorted([str(r.dst), str(r.gateway) if r.gateway else None, r.table]
                       for r in t.fib4.routes + t.fib6.routes)
+
+    # -- IPsec: what `ip xfrm state` and `ip xfrm policy` keep in the kernel ----------------
+
+    def _load_xfrm(self) -> None:
+        states, policies = self.state.load_xfrm()
+        if not states and not policies:
+            return
+        from ..xfrm import XfrmPolicy, XfrmState
+        for kind, items, cls, add in (("state", states, XfrmState, self.engine.xfrm.add_state),
+                                      ("policy", policies, XfrmPolicy,
+                                       self.engine.xfrm.add_policy)):
+            for d in items:
+                try:
+                    add(cls.from_dict(d))
+                except (TunlError, ValueError, KeyError, TypeError) as e:
+                    LOG.error("xfrm %s in %s refused: %s", kind, self.state.xfrm_path, e,
+                              key=("xfrm-load", kind))
+
+    def _save_xfrm(self) -> None:
+        x = self.engine.xfrm
+        try:
+            self.state.save_xfrm([sa.state.to_dict() for sa in x.states.values()],
+                                 [p.to_dict() for p in x.policies])
+        except OSError as e:
+            raise DaemonError(f"cannot record the IPsec states in {self.state.xfrm_path}: "
+                              f"{e.strerror}") from e
+
+    def op_xfrm(self, call: str, item: dict | None = None, update: bool = False):
+        """`tunl xfrm` on tunld's data plane: the XfrmStore verbs (tunl.xfrm), one per call."""
+        from ..xfrm import PolicyEntry, StateEntry, XfrmPolicy, XfrmState
+        x = self.engine.xfrm
+        try:
+            if call == "states":
+                return [StateEntry(sa.state, sa.esp.seq, sa.esp.oseq, sa.esp.bitmap).to_dict()
+                        for sa in x.states.values()]
+            if call == "policies":
+                return [PolicyEntry(p, i + 1).to_dict() for i, p in enumerate(x.policies)]
+            if call == "add_state":
+                x.add_state(XfrmState.from_dict(item or {}), update)
+            elif call == "del_state":
+                x.del_state(IPv4Address((item or {})["dst"]), int(item["spi"]))
+            elif call == "flush_states":
+                x.states = {}
+            elif call == "add_policy":
+                x.add_policy(XfrmPolicy.from_dict(item or {}), update)
+            elif call == "del_policy":
+                d = item or {}
+                x.del_policy((d["dir"], (IPv4Network(d["src"]), IPv4Network(d["dst"]),
+                                         d.get("proto")), (d.get("mark"), int(d["mark_mask"]))))
+            elif call == "flush_policies":
+                x.policies = []
+            else:
+                raise ConfigError(f'xfrm "{call}": not a verb of tunld\'s xfrm')
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"xfrm {call}: {type(e).__name__}: {e}") from None
+        self._save_xfrm()
+        log.info("xfrm %s", call)
+        return {"states": len(x.states), "policies": len(x.policies)}
 
     def op_shutdown(self) -> dict:
         """An orderly stop of the whole daemon: the supervisor is told not to restart it."""

@@ -95,6 +95,33 @@ class State:
             json.dump(data, f, indent=1)
         os.replace(tmp, self.path)
 
+    @property
+    def xfrm_path(self) -> str:
+        return os.path.join(self.dir, "xfrm.json")
+
+    def load_xfrm(self) -> tuple[list[dict], list[dict]]:
+        """The IPsec states and policies tunld keeps (as their to_dict()); none when the
+        record is missing or damaged."""
+        try:
+            with open(self.xfrm_path) as f:
+                raw = json.load(f)
+            states, policies = raw["states"], raw["policies"]
+            if isinstance(states, list) and isinstance(policies, list):
+                return states, policies
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return [], []
+
+    def save_xfrm(self, states: list[dict], policies: list[dict]) -> None:
+        """Write atomically, readable by root only: the states carry their keys, as the
+        kernel's xfrm keeps them (and `ip xfrm state` prints them)."""
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        tmp = self.xfrm_path + f".{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"states": states, "policies": policies}, f, indent=1)
+        os.replace(tmp, self.xfrm_path)
+
     def has_tunnels(self) -> bool | None:
         """Whether the record lists tunnels; None when there is no record to say."""
         record = self.load(move_bad=False)

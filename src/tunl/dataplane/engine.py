@@ -32,6 +32,7 @@ from ..tunnel import modes
 from ..tunnel.lookup import lookup
 from ..tunnel.outer import ANY, HEADROOM, v4_compatible
 from ..tunnel.pmtu import PmtuCache
+from ..tunnel.vti import PROTO_ESP, Xfrm
 from ..wire import icmp, icmpv6, ipv4
 from ..wire.drop import Drop
 from ..wire.ipv4 import IPV4_HLEN, PROTO_GRE, PROTO_ICMP, PROTO_IPIP, PROTO_IPV6
@@ -46,7 +47,7 @@ LOG = RateLimitedLog(logging.getLogger("tunl.dataplane"))
 MAX_PACKET = 65535
 BATCH = 64          # packets read from one queue before the next queue's turn
 MAX_PATHS = 4096    # remembered outer destinations per tunnel (NBMA: one per next hop)
-TUNNEL_PROTOS = (PROTO_IPIP, PROTO_GRE, PROTO_IPV6)
+TUNNEL_PROTOS = (PROTO_IPIP, PROTO_GRE, PROTO_IPV6, PROTO_ESP)
 MIN_LEN = {4: IPV4_HLEN, 6: IPV6_HLEN}
 
 # how ip_tunnel_rcv() counts a dropped packet, beyond rx_errors
@@ -58,8 +59,9 @@ class TunnelPlane:
     """The runtime of one tunnel: its device queue, codec, routes, paths and counters."""
 
     def __init__(self, spec: TunnelSpec, fd: int, ifindex: int, mtu: int, sender,
-                 members: frozenset[bytes] | None = None):
+                 members: frozenset[bytes] | None = None, xfrm=None):
         self.fd = fd
+        self.xfrm = xfrm                  # the namespace's IPsec states and policies (vti)
         self.ifindex = ifindex
         self.mtu = mtu
         # the outer sources (4 bytes each) this tunnel takes packets from; None: anyone
@@ -80,7 +82,7 @@ class TunnelPlane:
         self.sock = sender
         old = getattr(self, "codec", None)
         self.spec = spec
-        self.codec = modes.codec_for(spec)
+        self.codec = modes.codec_for(spec, self.xfrm)
         for seq in ("o_seqno", "i_seqno"):     # ip_tunnel_update() keeps them
             if hasattr(old, seq) and hasattr(self.codec, seq):
                 setattr(self.codec, seq, getattr(old, seq))
@@ -119,6 +121,7 @@ class Engine:
     def __init__(self, clock: Callable[[], float],
                  route_via: Callable[..., tuple | None] = lambda dst, src=None, dev=None: None):
         self.route_via = route_via
+        self.xfrm = Xfrm()              # IPsec states and policies of the namespace (vti)
         self.tunnels: dict[str, TunnelPlane] = {}
         self.pmtu = PmtuCache(clock)
         self.on_pmtu: Callable[[bytes, int], None] | None = None   # a path MTU was learned
@@ -197,7 +200,7 @@ class Engine:
             members: frozenset[bytes] | None = None) -> TunnelPlane:
         """members: the outer sources the tunnel takes packets from (None: anyone), in force
         before its first packet."""
-        t = TunnelPlane(spec, fd, ifindex, mtu, self._sender(spec), members)
+        t = TunnelPlane(spec, fd, ifindex, mtu, self._sender(spec), members, self.xfrm)
         self._receive(t.proto)
         self.tunnels[spec.name] = t
         self._by_fd = {**self._by_fd, fd: t}
@@ -414,11 +417,15 @@ class Engine:
         (EMSGSIZE), for the caller to answer it. Every other failure is counted here."""
         t.ident = (t.ident + 1) & 0xFFFF or 1
         start = t.codec.encap(buf, off, n, dst, t.ident)
-        if start.__class__ is Drop:
+        if start.__class__ is int:
+            end = off + n
+        elif start.__class__ is tuple:           # ESP: the packet grew at its end too
+            start, end = start
+        else:
             t.count_tx_drop(start)
             return True
         try:
-            t.sock.sendto(view[start:off + n], addr)
+            t.sock.sendto(view[start:end], addr)
         except OSError as e:
             if e.errno == errno.EMSGSIZE:
                 return False

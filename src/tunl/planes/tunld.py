@@ -69,3 +69,61 @@ def tunld_devices() -> bool:
         except OSError:
             continue
     return False
+
+
+class TunldXfrm:
+    """The IPsec states and policies tunld keeps for the vti tunnels of the userspace data
+    plane (tunl.xfrm.XfrmStore): the same verbs as the kernel's xfrm."""
+
+    def _call(self, name: str, item: dict | None = None, update: bool = False):
+        return call("xfrm", call=name, item=item, update=update)
+
+    def add_state(self, state, update: bool = False) -> None:
+        self._call("add_state", state.to_dict(), update)
+
+    def del_state(self, sid) -> None:
+        self._call("del_state", {"dst": str(sid.dst), "spi": sid.spi})
+
+    def get_state(self, sid):
+        for e in self.states():
+            s = e.state
+            if s.dst == sid.dst and s.spi == sid.spi and s.proto == sid.proto:
+                return e
+        raise NotFoundError(f"xfrm state dst {sid.dst} spi {sid.spi:#010x}: No such process")
+
+    def states(self) -> list:
+        from ..xfrm import StateEntry, XfrmState
+        return [StateEntry(XfrmState.from_dict(d), d["replay"]["seq"], d["replay"]["oseq"],
+                           d["replay"]["bitmap"], d.get("lastused", 0))
+                for d in self._call("states")]
+
+    def state_count(self) -> int:
+        return len(self._call("states"))
+
+    def flush_states(self) -> None:
+        self._call("flush_states")
+
+    def add_policy(self, policy, update: bool = False) -> None:
+        self._call("add_policy", policy.to_dict(), update)
+
+    def del_policy(self, pid) -> None:
+        self._call("del_policy", {"dir": pid.dir, "src": str(pid.src), "dst": str(pid.dst),
+                                  "proto": pid.proto, "mark": pid.mark,
+                                  "mark_mask": pid.mark_mask})
+
+    def get_policy(self, pid):
+        for e in self.policies():
+            p = e.policy
+            if p.id == pid:
+                return e
+        raise NotFoundError(f"xfrm policy dir {pid.dir} src {pid.src} dst {pid.dst}: "
+                            "No such file or directory")
+
+    def policies(self) -> list:
+        from ..xfrm import PolicyEntry, XfrmPolicy
+        return [PolicyEntry(XfrmPolicy.from_dict(d), d.get("index", 0), d.get("ptype"))
+                for d in self._call("policies")]
+
+    def flush_policies(self) -> None:
+        self._call("flush_policies")
+

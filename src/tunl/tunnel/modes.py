@@ -17,17 +17,23 @@ def module_for(mode: TunnelMode) -> ModuleType:
     if mode in (TunnelMode.SIT, TunnelMode.ISATAP):
         from . import sit
         return sit
-    raise UnsupportedError(f"mode {mode.value}: a vti tunnel needs IPsec (xfrm), which the "
-                           "userspace data plane does not carry")
+    if mode is TunnelMode.VTI:
+        from . import vti
+        return vti
+    raise UnsupportedError(f"mode {mode.value}: not a mode of tunl")
 
 
-CODEC_CLASS = {"ipip": "IpipCodec", "gre": "GreCodec", "sit": "SitCodec", "isatap": "SitCodec"}
+CODEC_CLASS = {"ipip": "IpipCodec", "gre": "GreCodec", "sit": "SitCodec", "isatap": "SitCodec",
+               "vti": "VtiCodec"}
 
 
-def codec_for(spec):
-    """A fresh codec for a tunnel (it may keep state, like GRE's sequence numbers)."""
-    return getattr(module_for(spec.mode), CODEC_CLASS[spec.mode.value])(spec)
+def codec_for(spec, xfrm=None):
+    """A fresh codec for a tunnel (it may keep state, like GRE's sequence numbers); a vti's
+    works over its namespace's states and policies, `xfrm`."""
+    cls = getattr(module_for(spec.mode), CODEC_CLASS[spec.mode.value])
+    return cls(spec, xfrm) if spec.mode is TunnelMode.VTI else cls(spec)
 
 
 def module_for_proto(proto: int) -> ModuleType:
-    return module_for({4: TunnelMode.IPIP, 47: TunnelMode.GRE, 41: TunnelMode.SIT}[proto])
+    return module_for({4: TunnelMode.IPIP, 47: TunnelMode.GRE, 41: TunnelMode.SIT,
+                       50: TunnelMode.VTI}[proto])

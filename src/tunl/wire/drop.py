@@ -27,3 +27,18 @@ class Drop(enum.Enum):
     INTERNAL = "internal_error"      # a bug in tunl: logged, counted, the data plane goes on
     SEND_FAILED = "send_failed"      # the underlay refused the packet
     TUNNEL_DOWN = "tunnel_down"      # the device is not up
+    # ESP (RFC 4303) and the xfrm layer of a vti. tunnel.esp.XFRM_MIB names the kernel's
+    # counter (/proc/net/xfrm_stat) that each one is counted in.
+    ESP_HEADER = "esp_header"        # too short for SPI and sequence number
+    ESP_TOO_OLD = "esp_too_old"      # left of the anti-replay window (or sequence number 0)
+    ESP_REPLAY = "esp_replay"        # a sequence number already received in the window
+    ESP_LENGTH = "esp_length"        # too short for IV and ICV, or not whole cipher blocks
+    ESP_ICV = "esp_icv"              # the integrity check value does not verify
+    ESP_PADDING = "esp_padding"      # pad length past the payload, or pad bytes not 1, 2, 3 ...
+    ESP_NEXT_HEADER = "esp_next_header"  # not IPv4 (4) after the trailer, or no IPv4 header
+    ESP_SEQ_OVERFLOW = "esp_seq_overflow"  # the outbound sequence number would cycle
+    XFRM_NO_STATE = "xfrm_no_state"  # no SA for the SPI (and destination, mark)
+    XFRM_NO_POLICY = "xfrm_no_policy"  # a decrypted packet no in policy allows
+    XFRM_TMPL_MISMATCH = "xfrm_tmpl_mismatch"  # the policy's template names another SA
+    XFRM_OUT_NO_POLICY = "xfrm_out_no_policy"  # no out policy for the packet
+    XFRM_OUT_NO_STATE = "xfrm_out_no_state"  # an out policy whose template no SA fits
