@@ -77,17 +77,18 @@ def host_xfrm(host) -> dict[str, int]:
 def captured_esp(host, spi: int, action) -> bytes:
     """One ESP packet with `spi` seen on the host's eth0 while `action` runs (its ESP part)."""
     import subprocess
-    p = host.popen(f"tcpdump -U -c 1 -w - -i eth0 'ip proto 50 and ip[20:4] = {spi}'",
-                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(["ip", "netns", "exec", host.ns, "tcpdump", "-U", "-c", "1", "-w",
+                          "-", "-i", "eth0", f"ip proto 50 and ip[20:4] = {spi}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
     action()
     raw, _ = p.communicate(timeout=10)
+    import io
+    from scapy.layers.inet import IP
     from scapy.layers.l2 import Ether
     from scapy.utils import PcapReader
-    import io
     for pkt in PcapReader(io.BytesIO(raw)):
-        ip = Ether(bytes(pkt))["IP"]
-        return bytes(ip.payload)
+        return bytes(Ether(bytes(pkt))[IP].payload)
     raise AssertionError("no ESP packet captured")
 
 

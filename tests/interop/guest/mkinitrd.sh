@@ -7,7 +7,8 @@ KROOT=$1; KVER=$2; OUT=$3
 HERE=$(cd "$(dirname "$0")" && pwd)
 MODS="ipip ip_gre gre sit ip_vti tunnel4 ip_tunnel xfrm4_tunnel esp4 xfrm_user veth bridge
       virtio_pci virtio_net virtio_console 9p 9pnet_virtio
-      nf_tables nft_objref"
+      nf_tables nft_objref
+      gcm ghash_generic ctr seqiv echainiv authenc cbc hmac jitterentropy_rng drbg"
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
 mkdir -p "$W"/bin "$W"/sbin "$W"/proc "$W"/sys "$W"/dev "$W"/tmp "$W"/host "$W"/lib/modules/"$KVER"
