@@ -1,7 +1,8 @@
 """Benchmark tunl's data planes, eBPF and userspace, against the bare underlay they run over.
 
 Run as root:  .venv/bin/python bench/bench.py [--time 5] [--pings 200] [--json]
-                                             [--mode ipip gre sit | all] [--plane ebpf userspace | all]
+                                             [--mode ipip gre sit vti-gcm vti-cbc | all]
+                                             [--plane ebpf userspace | all]
 
 Three fresh network namespaces: hosts tl-bench-<random>-a and -b, joined by a veth pair eth0 (the
 underlay: 172.16.232.172/16 and .194/16, fd00::a/64 and fd00::b/64), and a container -c behind a
@@ -20,6 +21,12 @@ b -> c ("into container"), to b's tunnel address (bare: its underlay address); p
 10 ms; tunld's CPU time during the local run; and on the eBPF plane, from `tunl -j tunnel show`
 around each TCP run, the packets the tunnels on a and b moved on the fast path (the tc programs)
 and on the slow path (tunld), so that a run that fell back to the slow path shows.
+
+vti-gcm and vti-cbc are vti tunnels with ESP (rfc4106(gcm(aes)) 128-bit key; cbc(aes) with
+hmac(sha256)-128), their states and policies added with `tunl xfrm`, on the userspace plane
+only (a vti's ESP is tunld's own work); vti-cbc runs between second underlay addresses
+(172.16.233.172 and .194), since two vtis between the same addresses are one to the kernel's
+lookup and to tunl's.
 
 A benchmark, not a test: it asserts nothing about time; it prints the goals and whether these
 figures meet them. A measurement that fails says so in its cell and the others go on. It always
@@ -55,6 +62,17 @@ MODES = {
     "ipip": ("tunl0", "mode ipip", "10.42.1.1/24", "10.42.2.1/24"),
     "gre": ("gre1", "mode gre key 42", "10.43.1.1/24", "10.43.2.1/24"),
     "sit": ("sit1", "mode sit", "2001:db8:1::1/64", "2001:db8:2::1/64"),
+    "vti-gcm": ("vti1", "mode vti ikey 7 okey 7", "10.44.1.1/24", "10.44.2.1/24"),
+    "vti-cbc": ("vti2", "mode vti ikey 8 okey 8", "10.45.1.1/24", "10.45.2.1/24"),
+}
+# vti: the mark (its ikey and okey), the algorithm words of `tunl xfrm state add`, the
+# underlay addresses of a and b it runs between
+KEY16, KEY20, KEY32 = "0x" + "11" * 16, "0x" + "22" * 20, "0x" + "33" * 32
+A_UL2, B_UL2 = "172.16.233.172", "172.16.233.194"
+XFRM = {
+    "vti-gcm": (7, f"aead 'rfc4106(gcm(aes))' {KEY20} 128", (A_UL, B_UL)),
+    "vti-cbc": (8, f"enc 'cbc(aes)' {KEY16} auth-trunc 'hmac(sha256)' {KEY32} 128",
+                (A_UL2, B_UL2)),
 }
 PLANES = ("ebpf", "userspace")
 TCP_RUNS = {"local": "TCP local", "forwarded": "TCP forwarded", "into": "TCP into container"}
@@ -90,8 +108,9 @@ class Bench:
                         "name", "eth0", "netns", self.b], check=True)
         subprocess.run(["ip", "link", "add", "eth0", "netns", self.c, "type", "veth", "peer",
                         "name", "veth-c", "netns", self.a], check=True)
-        for ns, me, me6 in ((self.a, A_UL, A_UL6), (self.b, B_UL, B_UL6)):
+        for ns, me, me6, me2 in ((self.a, A_UL, A_UL6, A_UL2), (self.b, B_UL, B_UL6, B_UL2)):
             self.run(ns, f"ip link set lo up && ip addr add {me}/16 dev eth0 && "
+                         f"ip addr add {me2}/16 dev eth0 && "
                          f"ip addr add {me6}/64 dev eth0 nodad && ip link set eth0 up")
         self.run(self.a, "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 && "
                          "ip link add mybr0 type bridge forward_delay 0 && "
@@ -117,11 +136,21 @@ class Bench:
     def add_tunnel(self, plane: str, mode: str) -> None:
         dev, words, a_in, b_in = MODES[mode]
         nodad = " nodad" if ":" in a_in else ""
-        for ns, me, peer, mine, theirs in ((self.a, A_UL, B_UL, a_in, b_in),
-                                           (self.b, B_UL, A_UL, b_in, a_in)):
+        a_ul, b_ul = XFRM[mode][2] if mode in XFRM else (A_UL, B_UL)
+        for ns, me, peer, mine, theirs in ((self.a, a_ul, b_ul, a_in, b_in),
+                                           (self.b, b_ul, a_ul, b_in, a_in)):
             net = ipaddress.ip_interface(theirs).network
             self.run(ns, f"{TUNL} tunnel add {dev} {words} remote {peer} local {me} "
                          f"--dataplane {plane}")
+            if mode in XFRM:
+                mark, algo, _ = XFRM[mode]
+                for spi, (src, dst) in ((0x100 + mark, (a_ul, b_ul)), (0x200 + mark, (b_ul, a_ul))):
+                    self.run(ns, f"{TUNL} xfrm state add src {src} dst {dst} proto esp spi "
+                                 f"{spi:#x} reqid 1 mode tunnel mark {mark} {algo} "
+                                 "replay-window 32")
+                for way, src, dst in (("out", me, peer), ("in", peer, me)):
+                    self.run(ns, f"{TUNL} xfrm policy add dir {way} tmpl src {src} dst {dst} "
+                                 f"proto esp reqid 1 mode tunnel mark {mark}")
             got = self.show(ns, dev)["dataplane"]
             if got != plane:
                 raise RuntimeError(f"[{ns}] {dev}: asked for the {plane} plane, got {got}")
@@ -344,6 +373,8 @@ def measure(bench: Bench, args) -> dict:
         results[plane] = {}
         added = []
         for mode in args.mode:                # all of a plane's tunnels at once, as a host would
+            if mode in XFRM and plane != "userspace":
+                continue                      # a vti's ESP is tunld's work, on userspace only
             try:
                 bench.add_tunnel(plane, mode)
                 added.append(mode)
@@ -361,6 +392,8 @@ def measure(bench: Bench, args) -> dict:
                                                    ebpf=plane == "ebpf")
             bench.route_to_container(None, v6)     # back via the underlay: must not fail
         for mode in args.mode:
+            if mode in XFRM and plane != "userspace":
+                continue
             errors = bench.del_tunnel(mode)
             if errors:                        # the next plane's add will fail: say why
                 results[plane].setdefault(mode, {})["del_error"] = "; ".join(errors)
@@ -374,7 +407,7 @@ def columns(args) -> list[tuple[str, str, str | None]]:
     cols = [("bare", "bare", None)] + ([("bare v6", "bare6", None)] if "sit" in args.mode else [])
     short = {"ebpf": "ebpf", "userspace": "user"}
     return cols + [(f"{short[p]} {m}", f"{p}/{m}", "bare6" if m == "sit" else "bare")
-                   for p in args.plane for m in args.mode]
+                   for p in args.plane for m in args.mode if m not in XFRM or p == "userspace"]
 
 
 def case(results: dict, key: str) -> dict:
@@ -446,7 +479,7 @@ def goals(results: dict, args) -> list[dict]:
     if "ebpf" not in args.plane:
         return []
     out = []
-    for mode in args.mode:
+    for mode in (m for m in args.mode if m not in XFRM):
         c, base = results["ebpf"][mode], results["bare6" if mode == "sit" else "bare"]
         g = {"mode": mode}
         for run in ("local", "forwarded"):
@@ -505,7 +538,7 @@ def table(results: dict, args, mach: dict) -> str:
     if "ebpf" in args.plane:
         lines.append("eBPF plane, packets per TCP run on each path (tunnels on a and b together):")
         lines.append(f"  {'':<22}{'fast_tx':>10}{'slow_tx':>10}{'fast_rx':>10}{'slow_rx':>10}")
-        for mode in args.mode:
+        for mode in (m for m in args.mode if m not in XFRM):
             c = results["ebpf"][mode]
             for run, label in TCP_RUNS.items():
                 p = c.get("paths", {}).get(run) if "error" not in c else None
@@ -543,7 +576,7 @@ def main() -> int:
     ap.add_argument("--time", type=int, default=5, metavar="SECONDS", help="iperf3 -t (5)")
     ap.add_argument("--pings", type=int, default=200, metavar="N", help="ping -c (200)")
     ap.add_argument("--mode", nargs="+", choices=sorted(MODES) + ["all"], default=["all"],
-                    help="one or more modes, or all (all: ipip gre sit)")
+                    help="one or more modes, or all (all: ipip gre sit vti-gcm vti-cbc)")
     ap.add_argument("--plane", nargs="+", choices=list(PLANES) + ["all"], default=["all"],
                     help="one or more data planes, or all (all: ebpf userspace)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
