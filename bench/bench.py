@@ -76,7 +76,7 @@ XFRM = {
 }
 PLANES = ("ebpf", "userspace")
 TCP_RUNS = {"local": "TCP local", "forwarded": "TCP forwarded", "into": "TCP into container"}
-GOAL_RATIO, GOAL_ADDED_US = 0.85, 30        # the project's issue, item 8: eBPF against bare
+GOAL_RATIO, GOAL_ADDED_US = 0.85, 30        # the eBPF plane's goals, against bare
 SLOW_SHARE = 0.01                           # above this share of packets, a run "fell back"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

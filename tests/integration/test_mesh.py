@@ -1,6 +1,6 @@
 """The mesh agent on real hosts: network namespaces on one underlay bridge, agents as real
 processes (`tunl mesh agent`), the kernel's routes, ping, and a real registry: a SQLite file,
-and a real 3-member etcd cluster. The faults of the issue, each measured against 2 × TTL or the
+and a real 3-member etcd cluster. The faults a mesh must ride out, each measured against 2 × TTL or the
 2 s of reconvergence."""
 from __future__ import annotations
 

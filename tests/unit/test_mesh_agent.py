@@ -1,5 +1,5 @@
 """The agent above a fake host and a real registry (SQLite in memory, a fake clock): leases,
-routes, and every fault of the issue that needs no kernel."""
+routes, and every fault a mesh must ride out that needs no kernel."""
 import json
 from ipaddress import IPv4Address, IPv4Network
 
