@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import struct
@@ -256,3 +257,30 @@ def alive(pid: int) -> bool:
             return f.read().rpartition(")")[2].split()[0] != "Z"
     except OSError:
         return False
+
+
+# `tunl xfrm` against the kernel's xfrm (integration: this host; interop: the guest): the same
+# words, the keys of both suites of a vti, and what `ip -s xfrm` prints that differs per run
+XFRM_SUITES = {
+    "gcm": "aead 'rfc4106(gcm(aes))' 0x" + bytes(range(1, 21)).hex() + " 128",  # key, salt
+    "cbc": "enc 'cbc(aes)' 0x" + bytes(range(1, 17)).hex() + " auth-trunc 'hmac(sha256)' 0x"
+           + bytes(range(1, 33)).hex() + " 128",
+}
+XFRM_STATE = "src 172.16.0.1 dst 172.16.0.2 proto esp spi 0x1000 reqid 1 mode tunnel mark 7 " \
+             "{algo} replay-window 32"
+XFRM_POLICIES = [
+    "dir out tmpl src 172.16.0.1 dst 172.16.0.2 proto esp mode tunnel mark 7",
+    "src 0.0.0.0/0 dst 0.0.0.0/0 dir in tmpl src 172.16.0.2 dst 172.16.0.1 proto esp "
+    "mode tunnel reqid 1 mark 7",
+    "src 10.0.0.0/8 dst 10.1.0.0/16 proto tcp dir fwd priority 5 mark 9 mask 0xff tmpl "
+    "src 192.0.2.1 dst 192.0.2.2 proto esp mode tunnel reqid 3",
+    "src 10.9.0.0/16 dst 0.0.0.0/0 dir out action block",
+]
+# ip -s prints when a state or policy was added and the index the kernel gave a policy
+_XFRM_WHEN = re.compile(r"add \d{4}-\d\d-\d\d \d\d:\d\d:\d\d|index \d+ ")
+
+
+def xfrm_listing(run, obj: str) -> tuple[str, str]:
+    """`ip xfrm OBJ` and `ip -s xfrm OBJ` by run(cmd) -> its output, without the times and
+    indexes that differ from one run to the next."""
+    return run(f"ip xfrm {obj}"), _XFRM_WHEN.sub("", run(f"ip -s xfrm {obj}"))

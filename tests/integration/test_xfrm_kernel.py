@@ -6,27 +6,12 @@ found") is skipped with the kernel's reason; the interop guest has it all."""
 from __future__ import annotations
 
 import os
-import re
 import uuid
 
 import pytest
 
-from nsutil import Host, sh
-
-GCM = "aead 'rfc4106(gcm(aes))' 0x0102030405060708090a0b0c0d0e0f1011121314 128"
-CBC = ("enc 'cbc(aes)' 0x0102030405060708090a0b0c0d0e0f10 auth-trunc 'hmac(sha256)' "
-       "0x0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f20 128")
-STATE = "src 172.16.0.1 dst 172.16.0.2 proto esp spi 0x1000 reqid 1 mode tunnel mark 7 {} " \
-        "replay-window 32"
-POLICIES = [
-    "dir out tmpl src 172.16.0.1 dst 172.16.0.2 proto esp mode tunnel mark 7",
-    "src 0.0.0.0/0 dst 0.0.0.0/0 dir in tmpl src 172.16.0.2 dst 172.16.0.1 proto esp "
-    "mode tunnel reqid 1 mark 7",
-    "src 10.0.0.0/8 dst 10.1.0.0/16 proto tcp dir fwd priority 5 mark 9 mask 0xff tmpl "
-    "src 192.0.2.1 dst 192.0.2.2 proto esp mode tunnel reqid 3",
-    "src 10.9.0.0/16 dst 0.0.0.0/0 dir out action block",
-]
-WHEN = re.compile(r"add \d{4}-\d\d-\d\d \d\d:\d\d:\d\d|index \d+ ")
+import nsutil
+from nsutil import XFRM_POLICIES, XFRM_STATE, XFRM_SUITES, Host, sh, xfrm_listing
 
 
 @pytest.fixture
@@ -35,22 +20,24 @@ def ns():
         pytest.skip("needs root (a network namespace, the kernel's xfrm)")
     name = f"tlxf-{uuid.uuid4().hex[:8]}"
     sh(f"ip netns add {name}")
+    # the kernel's xfrm, asked for by name: without ip_vti here, auto would take tunld's
+    nsutil.ENV["TUNL_DATAPLANE"] = "kernel"
     try:
         h = Host(name)
         if h.run("ip xfrm state count", check=False).returncode != 0:
             pytest.skip("this kernel has no xfrm_user netlink family")
         yield h
     finally:
+        nsutil.ENV.pop("TUNL_DATAPLANE", None)
         sh(f"ip netns del {name}", check=False)
 
 
 def listing(h: Host, obj: str) -> tuple[str, str]:
-    return (h.run(f"ip xfrm {obj}").stdout,
-            WHEN.sub("", h.run(f"ip -s xfrm {obj}").stdout))
+    return xfrm_listing(lambda cmd: h.run(cmd).stdout, obj)
 
 
 def can_add_state(h: Host, algo: str) -> None:
-    p = h.run(f"ip xfrm state add {STATE.format(algo)}", check=False)
+    p = h.run(f"ip xfrm state add {XFRM_STATE.format(algo=algo)}", check=False)
     h.run("ip xfrm state flush")
     if p.returncode != 0:
         pytest.skip(f"this kernel cannot make the state: {p.stderr.strip()}")
@@ -58,9 +45,9 @@ def can_add_state(h: Host, algo: str) -> None:
 
 @pytest.mark.parametrize("suite", ["gcm", "cbc"])
 def test_state_add_show_del_is_ips(ns, suite):
-    algo = GCM if suite == "gcm" else CBC
+    algo = XFRM_SUITES[suite]
     can_add_state(ns, algo)
-    words = STATE.format(algo)
+    words = XFRM_STATE.format(algo=algo)
     ns.run(f"ip xfrm state add {words}")
     by_ip = listing(ns, "state")
     assert ns.tunl("xfrm state show").stdout == by_ip[0]
@@ -73,10 +60,11 @@ def test_state_add_show_del_is_ips(ns, suite):
 
 def test_state_refused_by_this_kernel_says_why_and_changes_nothing(ns):
     """Where the kernel lacks what a state needs, tunl says the kernel's reason in one line."""
-    p = ns.run(f"ip xfrm state add {STATE.format(GCM)}", check=False)
+    words = XFRM_STATE.format(algo=XFRM_SUITES["gcm"])
+    p = ns.run(f"ip xfrm state add {words}", check=False)
     if p.returncode == 0:
         pytest.skip("this kernel has everything the gcm state needs")
-    t = ns.tunl(f"xfrm state add {STATE.format(GCM)}", check=False)
+    t = ns.tunl(f"xfrm state add {words}", check=False)
     why = p.stderr.strip().removeprefix("Error: ").rstrip(".")
     assert t.returncode == 1 and t.stdout == ""
     assert t.stderr.count("\n") == 1 and why in t.stderr, (p.stderr, t.stderr)
@@ -84,14 +72,14 @@ def test_state_refused_by_this_kernel_says_why_and_changes_nothing(ns):
 
 
 def test_policy_add_show_get_del_is_ips(ns):
-    for w in POLICIES:
+    for w in XFRM_POLICIES:
         ns.run(f"ip xfrm policy add {w}")
     by_ip = listing(ns, "policy")
     assert ns.tunl("xfrm policy show").stdout == by_ip[0]
     assert ns.tunl("xfrm policy list dir out").stdout == \
         ns.run("ip xfrm policy list dir out").stdout
     ns.run("ip xfrm policy flush")
-    for w in POLICIES:
+    for w in XFRM_POLICIES:
         ns.tunl(f"xfrm policy add {w}")
     assert listing(ns, "policy") == by_ip
     sel = "src 10.0.0.0/8 dst 10.1.0.0/16 proto tcp dir fwd mark 9 mask 0xff"
@@ -99,7 +87,7 @@ def test_policy_add_show_get_del_is_ips(ns):
         ns.run(f"ip xfrm policy get {sel}").stdout
     ns.tunl(f"xfrm policy del {sel}")
     assert "10.1.0.0/16" not in ns.run("ip xfrm policy").stdout
-    again = ns.tunl(f"xfrm policy add {POLICIES[0]}", check=False)
+    again = ns.tunl(f"xfrm policy add {XFRM_POLICIES[0]}", check=False)
     assert again.returncode == 1 and "exists" in again.stderr and again.stderr.count("\n") == 1
     gone = ns.tunl(f"xfrm policy del {sel}", check=False)
     assert gone.returncode == 1 and "no such policy" in gone.stderr

@@ -6,40 +6,24 @@ the same words (what `ip xfrm state` and `ip -s xfrm state` print of it, keys in
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 
 import pytest
 
+from nsutil import XFRM_POLICIES, XFRM_STATE, XFRM_SUITES, xfrm_listing
+
 TUNL = os.path.join(os.path.dirname(sys.executable), "tunl")   # the guest sees the host's files
-GCM_KEY = "0x" + bytes(range(1, 21)).hex()                      # 16-byte AES key, 4-byte salt
 CBC_KEY = "0x" + bytes(range(1, 17)).hex()
-SHA_KEY = "0x" + bytes(range(1, 33)).hex()
-SUITES = {
-    "gcm": f"aead 'rfc4106(gcm(aes))' {GCM_KEY} 128",
-    "cbc": f"enc 'cbc(aes)' {CBC_KEY} auth-trunc 'hmac(sha256)' {SHA_KEY} 128",
-}
 STATES = [
-    "src 172.16.0.1 dst 172.16.0.2 proto esp spi 0x1000 reqid 1 mode tunnel mark 7 "
-    "{algo} replay-window 32",
+    XFRM_STATE,
     "src 172.16.0.2 dst 172.16.0.1 proto esp spi 4097 reqid 1 mode tunnel mark 7 mask 0xff "
     "{algo}",
     "src 192.0.2.1 dst 192.0.2.2 proto esp spi 020000 mode tunnel {algo} mark 0x10 mask 0xf0",
 ]
-POLICIES = [
-    "dir out tmpl src 172.16.0.1 dst 172.16.0.2 proto esp mode tunnel mark 7",
-    "src 0.0.0.0/0 dst 0.0.0.0/0 dir in tmpl src 172.16.0.2 dst 172.16.0.1 proto esp "
-    "mode tunnel reqid 1 mark 7",
-    "src 10.0.0.0/8 dst 10.1.0.0/16 proto tcp dir fwd priority 5 mark 9 mask 0xff tmpl "
-    "src 192.0.2.1 dst 192.0.2.2 proto esp mode tunnel reqid 3",
-    "src 10.9.0.0/16 dst 0.0.0.0/0 dir out action block",
-]
 # gcm and authenc are the suites, seqiv and echainiv make their IVs from the default RNG (drbg)
 CRYPTO = ("gf128mul", "ghash-generic", "ctr", "gcm", "seqiv", "echainiv", "authenc",
           "jitterentropy_rng", "drbg")
-# ip -s prints when a state or policy was added and the index the kernel gave a policy
-WHEN = re.compile(r"add \d{4}-\d\d-\d\d \d\d:\d\d:\d\d|index \d+ ")
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +43,8 @@ def xg(rig):
                     os.path.basename(line.split()[1])[:-3].replace("-", "_") + " " not in loaded:
                 vm.run(f"insmod /host{line.split()[1]}", chroot=False, check=False)
     rc, out = vm.run("ip xfrm state add src 192.0.2.9 dst 192.0.2.10 proto esp spi 0x999 "
-                     f"{SUITES['gcm']} && ip xfrm state add src 192.0.2.9 dst 192.0.2.10 "
-                     f"proto esp spi 0x998 {SUITES['cbc']}", check=False)
+                     f"{XFRM_SUITES['gcm']} && ip xfrm state add src 192.0.2.9 dst 192.0.2.10 "
+                     f"proto esp spi 0x998 {XFRM_SUITES['cbc']}", check=False)
     vm.run("ip xfrm state flush", check=False)
     if rc != 0:
         pytest.skip(f"the guest's kernel cannot make these states: {out.strip()}")
@@ -76,24 +60,28 @@ def run(rig, cmd: str) -> str:
 
 def listing(rig, obj: str) -> tuple[str, str]:
     """`ip xfrm OBJ` and `ip -s xfrm OBJ` (without the times and indexes that differ)."""
-    return run(rig, f"ip xfrm {obj}"), WHEN.sub("", run(rig, f"ip -s xfrm {obj}"))
+    return xfrm_listing(lambda cmd: run(rig, cmd), obj)
 
 
 def flush(rig) -> None:
     run(rig, "ip xfrm state flush && ip xfrm policy flush")
 
 
-@pytest.mark.parametrize("suite", sorted(SUITES))
+def added(rig, obj: str, words: list[str]) -> tuple[tuple[str, str], tuple[str, str]]:
+    """The listing of OBJ after `ip xfrm OBJ add` of each of words, and after `tunl xfrm OBJ
+    add` of the same, each from nothing; tunl's are left in place."""
+    by = []
+    for cmd in ("ip", TUNL):
+        flush(rig)
+        for w in words:
+            run(rig, f"{cmd} xfrm {obj} add {w}")
+        by.append(listing(rig, obj))
+    return by[0], by[1]
+
+
+@pytest.mark.parametrize("suite", sorted(XFRM_SUITES))
 def test_state_add_is_ip_state_add(xg, record, suite):
-    words = [s.format(algo=SUITES[suite]) for s in STATES]
-    flush(xg)
-    for w in words:
-        run(xg, f"ip xfrm state add {w}")
-    by_ip = listing(xg, "state")
-    flush(xg)
-    for w in words:
-        run(xg, f"{TUNL} xfrm state add {w}")
-    by_tunl = listing(xg, "state")
+    by_ip, by_tunl = added(xg, "state", [s.format(algo=XFRM_SUITES[suite]) for s in STATES])
     flush(xg)
     print(f"\n--- ip xfrm state after ip xfrm state add ({suite}):\n{by_ip[0]}"
           f"--- after tunl xfrm state add:\n{by_tunl[0]}", file=sys.stderr)
@@ -102,9 +90,9 @@ def test_state_add_is_ip_state_add(xg, record, suite):
     assert by_tunl[1] == by_ip[1]          # -s: lifetimes, flags, counters too
 
 
-@pytest.mark.parametrize("suite", sorted(SUITES))
+@pytest.mark.parametrize("suite", sorted(XFRM_SUITES))
 def test_state_show_get_del_update(xg, suite):
-    words = [s.format(algo=SUITES[suite]) for s in STATES]
+    words = [s.format(algo=XFRM_SUITES[suite]) for s in STATES]
     flush(xg)
     for w in words:
         run(xg, f"ip xfrm state add {w}")
@@ -117,7 +105,7 @@ def test_state_show_get_del_update(xg, suite):
     assert run(xg, f"{TUNL} xfrm state count") == run(xg, "ip xfrm state count")
     # update: what ip xfrm state update does to a valid state (xfrm_state_update() takes
     # its lifetimes and output mark, nothing of what a vti sets), tunl's does
-    upd = STATES[0].format(algo=SUITES[suite])
+    upd = STATES[0].format(algo=XFRM_SUITES[suite])
     before = listing(xg, "state")
     run(xg, f"{TUNL} xfrm state update {upd}")
     by_tunl = listing(xg, "state")
@@ -130,14 +118,7 @@ def test_state_show_get_del_update(xg, suite):
 
 
 def test_policy_add_is_ip_policy_add(xg, record):
-    flush(xg)
-    for w in POLICIES:
-        run(xg, f"ip xfrm policy add {w}")
-    by_ip = listing(xg, "policy")
-    flush(xg)
-    for w in POLICIES:
-        run(xg, f"{TUNL} xfrm policy add {w}")
-    by_tunl = listing(xg, "policy")
+    by_ip, by_tunl = added(xg, "policy", XFRM_POLICIES)
     print(f"\n--- ip xfrm policy after ip xfrm policy add:\n{by_ip[0]}"
           f"--- after tunl xfrm policy add:\n{by_tunl[0]}", file=sys.stderr)
     assert run(xg, f"{TUNL} xfrm policy show") == run(xg, "ip xfrm policy show")
@@ -161,7 +142,7 @@ def test_a_vti_with_tunls_states_and_policies(xg):
       "--dataplane kernel", undo="ip link del vti1")
     for d, (a, b) in (("out", ("172.16.0.1", "172.16.0.2")), ("in", ("172.16.0.2", "172.16.0.1"))):
         run(xg, f"{TUNL} xfrm state add src {a} dst {b} proto esp spi 0x{d == 'out' and 1 or 2}000"
-                f" reqid 1 mode tunnel mark 7 {SUITES['gcm']} replay-window 32")
+                f" reqid 1 mode tunnel mark 7 {XFRM_SUITES['gcm']} replay-window 32")
         run(xg, f"{TUNL} xfrm policy add dir {d} tmpl src {a} dst {b} proto esp mode tunnel "
                 "mark 7")
     assert "vti remote 172.16.0.2 local 172.16.0.1" in run(xg, "ip -d link show vti1")
@@ -176,7 +157,8 @@ def test_bad_words_change_nothing(xg):
             (f"state add src 1.1.1.1 dst 2.2.2.2 proto esp spi 0x1000 mode tunnel enc 'cbc(des)' "
              f"{CBC_KEY}",
              'enc "cbc(des)": tunl carries cbc(aes)'),
-            (f"state add src 1.1.1.1 dst 2.2.2.2 proto ah spi 0x1000 mode tunnel {SUITES['gcm']}",
+            ("state add src 1.1.1.1 dst 2.2.2.2 proto ah spi 0x1000 mode tunnel "
+             f"{XFRM_SUITES['gcm']}",
              'proto "ah"'),
             ("policy add dir sideways", 'dir "sideways"')):
         rc, out = xg.vm.run(f"{TUNL} xfrm {words}; echo rc=$?", check=False)

@@ -44,7 +44,10 @@ import re
 import socket
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
+from typing import Any, NoReturn, TextIO
 
 from ..errors import ConfigError, UnsupportedError
 from ..xfrm import (AUTH_SHA256, PROTOS, SHA256_DEFAULT_TRUNC, U32, Algo, PolicyEntry,
@@ -214,6 +217,15 @@ def _unknown(obj: str, verb: str, w: str) -> ConfigError:
                        "help)")
 
 
+def _refuse(obj: str, verb: str, w: str, not_carried: tuple) -> NoReturn:
+    """A word the verb does not take: one of ip's that tunl does not carry, help, or none."""
+    if w in not_carried:
+        raise _not_carried(obj, w)
+    if matches(w, "help"):
+        raise UsageWanted(w)
+    raise _unknown(obj, verb, w)
+
+
 def _id_word(f: dict, words: list[str], i: int, loose: bool = False) -> int | None:
     """xfrm_id_parse(): src, dst, proto, spi. The index of the last word read, or None when
     words[i] is none of them. With loose (show), src and dst are prefixes."""
@@ -258,37 +270,64 @@ def _algo_word(f: dict, words: list[str], i: int) -> int:
 
 # -- states
 
-def parse_state(words: list[str]) -> XfrmState:
-    """The words of `state add` and `state update`."""
+def _value_word(field: str, parse: Callable[[str], Any]) -> Callable[[dict, list[str], int], int]:
+    """WORD VALUE, read into f[field] by parse(VALUE)."""
+    def word(f: dict, words: list[str], i: int) -> int:
+        f[field] = parse(next_word(words, i))
+        return i + 1
+    return word
+
+
+def _mark_word(keep: Callable[[int, int], int]) -> Callable[[dict, list[str], int], int]:
+    """mark M [ mask M ], kept in f where keep(mark, mask) is true."""
+    def word(f: dict, words: list[str], i: int) -> int:
+        mark, mask, i = parse_mark(words, i)
+        if keep(mark, mask):
+            f["mark"], f["mark_mask"] = mark, mask
+        return i
+    return word
+
+
+def _nokeys_word(f: dict, words: list[str], i: int) -> int:
+    f["nokeys"] = True
+    return i
+
+
+# The words of each state verb besides ID (xfrm_state_modify(), xfrm_state_get_or_delete(),
+# xfrm_state_list_or_deleteall()): each reads into f and gives the index of its last word
+_MODE = _value_word("mode", parse_mode)
+_REQID = _value_word("reqid", functools.partial(parse_u32, "reqid", what="REQID"))
+_STATE_ADD = {"mode": _MODE, "reqid": _REQID,
+              "mark": _mark_word(lambda mark, mask: mask),    # ip sends no mark with mask 0
+              "replay-window": _value_word("replay_window", functools.partial(
+                  parse_u32, "replay-window", what="SIZE")),
+              **dict.fromkeys(ALGO_WORDS, _algo_word)}
+_STATE_ID = {"mark": _mark_word(lambda mark, mask: mark & mask)}  # only then, as ip
+_STATE_SHOW = {"nokeys": _nokeys_word, "mode": _MODE, "reqid": _REQID}
+
+
+def _state_words(words: list[str], verb: str, table: dict, not_carried: tuple = (),
+                 loose: bool = False) -> dict:
+    """ID (src and dst as prefixes with loose) and the words of table, by field name; a word
+    of not_carried is ip's but not tunl's."""
     f: dict = {}
     i = 0
     while i < len(words):
         w = words[i]
-        j = _id_word(f, words, i)
+        j = _id_word(f, words, i, loose)
         if j is not None:
             i = j
-        elif w == "mode":
-            f["mode"] = parse_mode(next_word(words, i))
-            i += 1
-        elif w == "reqid":
-            f["reqid"] = parse_u32(w, next_word(words, i), "REQID")
-            i += 1
-        elif w == "mark":
-            mark, mask, i = parse_mark(words, i)
-            if mask:                       # ip sends no mark with mask 0
-                f["mark"], f["mark_mask"] = mark, mask
-        elif w == "replay-window":
-            f["replay_window"] = parse_u32(w, next_word(words, i), "SIZE")
-            i += 1
-        elif w in ALGO_WORDS:
-            i = _algo_word(f, words, i)
-        elif w in STATE_NOT_CARRIED:
-            raise _not_carried("state", w)
-        elif matches(w, "help"):
-            raise UsageWanted(w)
+        elif w in table:
+            i = table[w](f, words, i)
         else:
-            raise _unknown("state", "add", w)
+            _refuse("state", verb, w, not_carried)
         i += 1
+    return f
+
+
+def parse_state(words: list[str]) -> XfrmState:
+    """The words of `state add` and `state update`."""
+    f = _state_words(words, "add", _STATE_ADD, STATE_NOT_CARRIED)
     for word in ("src", "dst"):
         if word not in f:
             raise ConfigError(f"add: say {word} ADDR (a vti's state names both ends: src "
@@ -306,22 +345,7 @@ def parse_state(words: list[str]) -> XfrmState:
 
 def parse_state_id(words: list[str], verb: str) -> StateId:
     """The words of `state delete` and `state get`: ID and mark."""
-    f: dict = {}
-    i = 0
-    while i < len(words):
-        w = words[i]
-        j = _id_word(f, words, i)
-        if j is not None:
-            i = j
-        elif w == "mark":
-            mark, mask, i = parse_mark(words, i)
-            if mark & mask:                # xfrm_state_get_or_delete(): only then
-                f["mark"], f["mark_mask"] = mark, mask
-        elif matches(w, "help"):
-            raise UsageWanted(w)
-        else:
-            raise _unknown("state", verb, w)
-        i += 1
+    f = _state_words(words, verb, _STATE_ID)
     if "proto" not in f:
         raise ConfigError(f"{verb}: say proto esp (XFRM-PROTO is required)")
     if "dst" not in f or "spi" not in f:
@@ -333,29 +357,7 @@ def parse_state_id(words: list[str], verb: str) -> StateId:
 
 def parse_state_filter(words: list[str]) -> dict:
     """The words of `state show`: nokeys, ID (src and dst as prefixes), mode, reqid."""
-    f: dict = {}
-    i = 0
-    while i < len(words):
-        w = words[i]
-        j = _id_word(f, words, i, loose=True)
-        if j is not None:
-            i = j
-        elif w == "nokeys":
-            f["nokeys"] = True
-        elif w == "mode":
-            f["mode"] = parse_mode(next_word(words, i))
-            i += 1
-        elif w == "reqid":
-            f["reqid"] = parse_u32(w, next_word(words, i), "REQID")
-            i += 1
-        elif w == "flag":
-            raise _not_carried("state", w)
-        elif matches(w, "help"):
-            raise UsageWanted(w)
-        else:
-            raise _unknown("state", "show", w)
-        i += 1
-    return f
+    return _state_words(words, "show", _STATE_SHOW, ("flag",), loose=True)
 
 
 def state_selected(s: XfrmState, f: dict) -> bool:
@@ -513,12 +515,8 @@ def _policy_words(words: list[str], verb: str, with_tmpl: bool, with_filter: boo
                                   "mode tunnel")
         elif w == "nosock" and with_filter:
             pass                           # tunl shows no socket policies anyway
-        elif w in POLICY_NOT_CARRIED:
-            raise _not_carried("policy", w)
-        elif matches(w, "help"):
-            raise UsageWanted(w)
         else:
-            raise _unknown("policy", verb, w)
+            _refuse("policy", verb, w, POLICY_NOT_CARRIED)
         i += 1
     if tmpl is not None:
         if "proto" not in tmpl:
@@ -643,42 +641,70 @@ def _check_opts(opts: dict) -> None:
                           "and counters yet)")
 
 
-def do_state(argv: list[str], opts: dict) -> int:
+@dataclass(frozen=True)
+class _Object:
+    """What tunl xfrm does alike with states and policies (do_xfrm_state() and
+    do_xfrm_policy() of ip): the verbs, how each reads its words, the XfrmStore methods it
+    calls (by name) and what get and show print."""
+    name: str                                           # state, policy
+    verbs: tuple                                        # (keyword, verb), as _verb() reads it
+    parse: Callable[[list[str], str], Any]              # add, update: (words, verb) -> value
+    parse_id: Callable[[list[str], str], Any]           # delete, get: (words, verb) -> its id
+    parse_filter: Callable[[list[str]], tuple[dict, bool]]   # show: the filter and nokeys
+    selected: Callable[[Any, dict], bool]               # (entry, filter)
+    text: Callable[[Any, bool], str]                    # (entry, nokeys): what ip prints
+    to_json: Callable[[Any, bool], dict]                # (entry, nokeys)
+    add: str                                            # the XfrmStore methods
+    delete: str
+    get: str
+    entries: str
+    more: Callable[[str, list[str], dict, TextIO], int]     # the verbs of this object alone
+
+
+def _do(obj: _Object, argv: list[str], opts: dict) -> int:
     _check_opts(opts)
-    verb = _verb(STATE_VERBS, argv[0], "state") if argv else "show"
+    verb = _verb(obj.verbs, argv[0], obj.name) if argv else "show"
     words = argv[1:]
     out = sys.stdout
     if verb == "help":
         raise UsageWanted(argv[0])
     if verb in ("add", "update"):
-        state = parse_state(words)
+        value = obj.parse(words, verb)
         with _open(opts) as store:
-            store.add_state(state, update=verb == "update")
+            getattr(store, obj.add)(value, update=verb == "update")
         return 0
     if verb in ("del", "get"):
-        sid = parse_state_id(words, "delete" if verb == "del" else "get")
+        vid = obj.parse_id(words, "delete" if verb == "del" else "get")
         with _open(opts) as store:
             if verb == "del":
-                store.del_state(sid)
+                getattr(store, obj.delete)(vid)
                 return 0
-            e = store.get_state(sid)
-        if opts.get("json"):
-            out.write(json.dumps(_state_json(e, False)) + "\n")
-        else:
-            out.write(state_text(e))
+            e = getattr(store, obj.get)(vid)
+        out.write(json.dumps(obj.to_json(e, False)) + "\n" if opts.get("json")
+                  else obj.text(e, False))
         return 0
     if verb == "show":
-        f = parse_state_filter(words)
-        nokeys = f.pop("nokeys", False)
+        f, nokeys = obj.parse_filter(words)
         with _open(opts) as store:
-            found = [e for e in store.states() if state_selected(e.state, f)]
+            found = [e for e in getattr(store, obj.entries)() if obj.selected(e, f)]
         if opts.get("json"):
-            json.dump([_state_json(e, nokeys) for e in found], out,
+            json.dump([obj.to_json(e, nokeys) for e in found], out,
                       indent=2 if opts.get("pretty") else None)
             out.write("\n")
         else:
-            out.write("".join(state_text(e, nokeys) for e in found))
+            out.write("".join(obj.text(e, nokeys) for e in found))
         return 0
+    return obj.more(verb, words, opts, out)
+
+
+def _state_filter(words: list[str]) -> tuple[dict, bool]:
+    f = parse_state_filter(words)
+    nokeys = f.pop("nokeys", False)
+    return f, nokeys
+
+
+def _state_more(verb: str, words: list[str], opts: dict, out: TextIO) -> int:
+    """state flush [ proto XFRM-PROTO ], state count."""
     if verb == "flush":
         proto = None
         i = 0
@@ -706,38 +732,8 @@ def do_state(argv: list[str], opts: dict) -> int:
     raise AssertionError(verb)
 
 
-def do_policy(argv: list[str], opts: dict) -> int:
-    _check_opts(opts)
-    verb = _verb(POLICY_VERBS, argv[0], "policy") if argv else "show"
-    words = argv[1:]
-    out = sys.stdout
-    if verb == "help":
-        raise UsageWanted(argv[0])
-    if verb in ("add", "update"):
-        policy = parse_policy(words, verb)
-        with _open(opts) as store:
-            store.add_policy(policy, update=verb == "update")
-        return 0
-    if verb in ("del", "get"):
-        pid = parse_policy_id(words, "delete" if verb == "del" else "get")
-        with _open(opts) as store:
-            if verb == "del":
-                store.del_policy(pid)
-                return 0
-            e = store.get_policy(pid)
-        out.write(json.dumps(e.to_dict()) + "\n" if opts.get("json") else policy_text(e))
-        return 0
-    if verb == "show":
-        f = parse_policy_filter(words)
-        with _open(opts) as store:
-            found = [e for e in store.policies() if policy_selected(e.policy, f)]
-        if opts.get("json"):
-            json.dump([e.to_dict() for e in found], out,
-                      indent=2 if opts.get("pretty") else None)
-            out.write("\n")
-        else:
-            out.write("".join(policy_text(e) for e in found))
-        return 0
+def _policy_more(verb: str, words: list[str], opts: dict, out: TextIO) -> int:
+    """policy flush [ ptype main ]."""
     if verb == "flush":
         i = 0
         while i < len(words):
@@ -749,6 +745,28 @@ def do_policy(argv: list[str], opts: dict) -> int:
             store.flush_policies()
         return 0
     raise AssertionError(verb)
+
+
+_STATES = _Object("state", STATE_VERBS, parse=lambda words, verb: parse_state(words),
+                  parse_id=parse_state_id, parse_filter=_state_filter,
+                  selected=lambda e, f: state_selected(e.state, f), text=state_text,
+                  to_json=_state_json, add="add_state", delete="del_state", get="get_state",
+                  entries="states", more=_state_more)
+_POLICIES = _Object("policy", POLICY_VERBS, parse=parse_policy, parse_id=parse_policy_id,
+                    parse_filter=lambda words: (parse_policy_filter(words), False),
+                    selected=lambda e, f: policy_selected(e.policy, f),
+                    text=lambda e, nokeys: policy_text(e),
+                    to_json=lambda e, nokeys: e.to_dict(), add="add_policy",
+                    delete="del_policy", get="get_policy", entries="policies",
+                    more=_policy_more)
+
+
+def do_state(argv: list[str], opts: dict) -> int:
+    return _do(_STATES, argv, opts)
+
+
+def do_policy(argv: list[str], opts: dict) -> int:
+    return _do(_POLICIES, argv, opts)
 
 
 class _open:

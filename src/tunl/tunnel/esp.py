@@ -121,6 +121,23 @@ def _bytes(word: str, key) -> bytes:
     return bytes(key)
 
 
+def _algo_key(word: str, name, known: str, key, sizes: tuple[int, ...], rule: str,
+              names: dict[str, str] | None = None) -> bytes:
+    """KEY of `word name KEY`, as bytes: name must be known (or one of its compat names, by
+    names), KEY one of sizes bytes long (rule says which, and why)."""
+    if (name if names is None else names.get(name)) != known:
+        raise ConfigError(f'{word} "{name}": tunl knows {word} {known}')
+    key = _bytes(f"{word} {known}", key)
+    if len(key) not in sizes:
+        raise ConfigError(f"{word} {known}: KEY is {rule}, not {len(key)}")
+    return key
+
+
+def _icv_bits(word: str, known: str, bits, allowed, rule: str) -> None:
+    if bits not in allowed or isinstance(bits, bool):
+        raise ConfigError(f"{word} {known}: {rule}, not {bits!r}")
+
+
 def _xor3(a, b, c) -> bytes:
     """a XOR b XOR c, three 16-byte blocks."""
     return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
@@ -198,15 +215,9 @@ class EspSA:
         if not isinstance(aead, tuple) or len(aead) != 3:
             raise ConfigError(f"aead: (name, KEY, ICV bits), not {aead!r:.40}")
         name, key, bits = aead
-        if name != AEAD_GCM:
-            raise ConfigError(f'aead "{name}": tunl knows aead {AEAD_GCM}')
-        key = _bytes(f"aead {AEAD_GCM}", key)
-        if len(key) not in GCM_KEY_BYTES:
-            raise ConfigError(f"aead {AEAD_GCM}: KEY is 20, 28 or 36 bytes (AES key + 4 "
-                              f"bytes salt), not {len(key)}")
-        if bits not in GCM_ICV_BITS or isinstance(bits, bool):
-            raise ConfigError(f"aead {AEAD_GCM}: ICV is 64, 96 or 128 bits (RFC 4106 §3), "
-                              f"not {bits!r}")
+        key = _algo_key("aead", name, AEAD_GCM, key, GCM_KEY_BYTES,
+                        "20, 28 or 36 bytes (AES key + 4 bytes salt)")
+        _icv_bits("aead", AEAD_GCM, bits, GCM_ICV_BITS, "ICV is 64, 96 or 128 bits (RFC 4106 §3)")
         self.aead = True
         self.ivlen, self.icvlen, self.block = GCM_IV, bits // 8, GCM_BLOCK
         self._gcm_key = key[:-GCM_SALT]
@@ -220,24 +231,13 @@ class EspSA:
             raise ConfigError(f"enc: (name, KEY), not {enc!r:.40}")
         if not isinstance(auth, tuple) or len(auth) not in (2, 3):
             raise ConfigError(f"auth-trunc: (name, KEY, truncation bits), not {auth!r:.40}")
-        name, key = enc
-        if _ENC_NAMES.get(name) != ENC_CBC:
-            raise ConfigError(f'enc "{name}": tunl knows enc {ENC_CBC}')
-        key = _bytes(f"enc {ENC_CBC}", key)
-        if len(key) not in CBC_KEY_BYTES:
-            raise ConfigError(f"enc {ENC_CBC}: KEY is 16, 24 or 32 bytes (AES-128, -192, "
-                              f"-256), not {len(key)}")
-        aname, akey = auth[0], auth[1]
+        key = _algo_key("enc", enc[0], ENC_CBC, enc[1], CBC_KEY_BYTES,
+                        "16, 24 or 32 bytes (AES-128, -192, -256)", _ENC_NAMES)
         bits = auth[2] if len(auth) == 3 and auth[2] is not None else SHA256_DEFAULT_TRUNC
-        if _AUTH_NAMES.get(aname) != AUTH_SHA256:
-            raise ConfigError(f'auth-trunc "{aname}": tunl knows auth-trunc {AUTH_SHA256}')
-        akey = _bytes(f"auth-trunc {AUTH_SHA256}", akey)
-        if len(akey) != SHA256_KEY_BYTES:
-            raise ConfigError(f"auth-trunc {AUTH_SHA256}: KEY is 32 bytes (RFC 4868 "
-                              f"§2.1.1), not {len(akey)}")
-        if bits not in SHA256_TRUNC_BITS or isinstance(bits, bool):
-            raise ConfigError(f"auth-trunc {AUTH_SHA256}: the ICV is 96..256 bits in steps "
-                              f"of 8 (128 by RFC 4868 §2.1), not {bits!r}")
+        akey = _algo_key("auth-trunc", auth[0], AUTH_SHA256, auth[1], (SHA256_KEY_BYTES,),
+                         "32 bytes (RFC 4868 §2.1.1)", _AUTH_NAMES)
+        _icv_bits("auth-trunc", AUTH_SHA256, bits, SHA256_TRUNC_BITS,
+                  "the ICV is 96..256 bits in steps of 8 (128 by RFC 4868 §2.1)")
         self.aead = False
         self.ivlen, self.icvlen, self.block = CBC_IV, bits // 8, CBC_BLOCK
         self._mac = crypto_hmac.HMAC(akey, hashes.SHA256())
