@@ -516,13 +516,15 @@ class Engine:
         (ip_do_fragment()); a raw socket does not, so tunl does."""
         H = HEADROOM
         t.ident = (t.ident + 1) & 0xFFFF or 1
-        start = t.codec.encap(buf, H, n, dst, t.ident)
-        if start.__class__ is Drop:
+        start, end = t.codec.encap(buf, H, n, dst, t.ident), H + n
+        if start.__class__ is tuple:             # ESP: the packet grew at its end too
+            start, end = start
+        elif start.__class__ is Drop:
             t.count_tx_drop(start)
             return
         buf[start + 6] &= ~0x40 & 0xFF
         ipv4.fix_checksum(buf, start)
-        pieces = ipv4.fragment(view[start:H + n], mtu)
+        pieces = ipv4.fragment(view[start:end], mtu)
         if pieces.__class__ is Drop:
             t.count_tx_drop(pieces, "tx_dropped")
             return

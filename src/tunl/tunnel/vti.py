@@ -119,18 +119,18 @@ class Xfrm:
 
     def _policy(self, direction: str, mark: int, src: bytes, dst: bytes):
         """The first policy by priority whose mark and selector take the packet (a selector
-        with an upper protocol is not a vti's: it takes none here)."""
+        with an upper protocol is not a vti's: it takes none here); a block policy too."""
         s, d = IPv4Address(src), IPv4Address(dst)
         for p in self.policies:
             if p.dir == direction and _marked(mark, p.mark, p.mark_mask) and \
                     s in p.src and d in p.dst and p.proto is None:
-                return None if p.action == "block" else p
+                return p
         return None
 
     def out_sa(self, mark: int, inner_src: bytes, inner_dst: bytes) -> Sa | Drop:
         """xfrm_lookup() for a packet the vti sends with skb->mark = okey."""
         p = self._policy("out", mark, inner_src, inner_dst)
-        if p is None:
+        if p is None or p.action == "block":
             self.mib["XfrmOutPolBlock"] += 1     # a vti's packet with no policy is not sent
             return Drop.XFRM_OUT_NO_POLICY
         for sa in self.states.values():
@@ -155,6 +155,9 @@ class Xfrm:
         p = self._policy("in", mark, inner_src, inner_dst)
         if p is None:
             self.mib["XfrmInNoPols"] += 1
+            return Drop.XFRM_NO_POLICY
+        if p.action == "block":
+            self.mib["XfrmInPolBlock"] += 1      # __xfrm_policy_check(): not XFRM_POLICY_ALLOW
             return Drop.XFRM_NO_POLICY
         st = sa.state
         if st.src != p.tmpl_src or st.dst != p.tmpl_dst or \
