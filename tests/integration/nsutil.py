@@ -284,3 +284,41 @@ def xfrm_listing(run, obj: str) -> tuple[str, str]:
     """`ip xfrm OBJ` and `ip -s xfrm OBJ` by run(cmd) -> its output, without the times and
     indexes that differ from one run to the next."""
     return run(f"ip xfrm {obj}"), _XFRM_WHEN.sub("", run(f"ip -s xfrm {obj}"))
+
+
+def wait_for(cond, timeout: float, step: float = 0.05):
+    """cond()'s first true value within timeout seconds, else its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(step)
+    return cond()
+
+
+# -- a vti's IPsec in `ip xfrm`'s words (the host's vti tests and the interop VM's) -----------
+
+VTI_MARK = 7
+
+
+def vti_key(seed: int, n: int) -> str:
+    return bytes((seed * 7 + i) & 0xFF for i in range(n)).hex()
+
+
+def vti_algo(suite: str, seed: int) -> str:
+    """The keys as `ip xfrm` takes them: the rfc4106 KEY is the AES key and 4 bytes of salt."""
+    if suite == "gcm":
+        return f"aead 'rfc4106(gcm(aes))' 0x{vti_key(seed, 20)} 128"
+    return (f"enc 'cbc(aes)' 0x{vti_key(seed, 16)} "
+            f"auth-trunc 'hmac(sha256)' 0x{vti_key(seed + 1, 32)} 128")
+
+
+def vti_state_words(src: str, dst: str, spi: int, suite: str, seed: int) -> str:
+    return (f"state add src {src} dst {dst} proto esp spi {spi:#x} reqid 1 mode tunnel "
+            f"mark {VTI_MARK} {vti_algo(suite, seed)} replay-window 32")
+
+
+def vti_policy_words(direction: str, src: str, dst: str) -> str:
+    return (f"policy add dir {direction} tmpl src {src} dst {dst} proto esp reqid 1 "
+            f"mode tunnel mark {VTI_MARK}")

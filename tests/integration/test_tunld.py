@@ -17,7 +17,7 @@ import time
 import pytest
 
 from tunl.lab.netns import mirror_rows
-from nsutil import A_UL, B_UL, ENV, TUNL, Host, Net, alive, one_to_one, sh, tunld_pids
+from nsutil import A_UL, B_UL, ENV, TUNL, Host, Net, alive, one_to_one, sh, tunld_pids, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("dataplane")]
 if os.geteuid() != 0:
@@ -41,14 +41,6 @@ def status(h: Host) -> dict:
 
 
 
-def wait_for(cond, timeout: float, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(step)
-    return cond()
 
 
 def ping_back_after(h: Host, dst: str, timeout: float = 5.0) -> float | None:

@@ -16,12 +16,13 @@ import os
 import re
 import signal
 import subprocess
-import time
 
 import pytest
 
 import nsutil
-from nsutil import Host, Net, alive, transfer, tunld_pids
+from nsutil import Host, Net, alive, transfer, tunld_pids, wait_for
+from nsutil import VTI_MARK as MARK, vti_key as key
+from nsutil import vti_policy_words as policy_words, vti_state_words as state_words
 
 pytestmark = [pytest.mark.root]
 if os.geteuid() != 0:
@@ -30,7 +31,6 @@ if os.geteuid() != 0:
 A_UL, B_UL = "172.16.232.172", "172.16.232.194"
 A_IN, B_IN = "10.62.1.1", "10.62.1.2"
 SPI_AB, SPI_BA = 0x1000, 0x2000
-MARK = 7
 SUITES = ["gcm", "cbc"]
 
 
@@ -46,26 +46,12 @@ def userspace():
         nsutil.ENV["TUNL_DATAPLANE"] = old
 
 
-def key(seed: int, n: int) -> str:
-    return bytes((seed * 7 + i) & 0xFF for i in range(n)).hex()
 
 
-def algo(suite: str, seed: int) -> str:
-    """The keys as `ip xfrm` takes them: the rfc4106 KEY is the AES key and 4 bytes of salt."""
-    if suite == "gcm":
-        return f"aead 'rfc4106(gcm(aes))' 0x{key(seed, 20)} 128"
-    return (f"enc 'cbc(aes)' 0x{key(seed, 16)} "
-            f"auth-trunc 'hmac(sha256)' 0x{key(seed + 1, 32)} 128")
 
 
-def state_words(src: str, dst: str, spi: int, suite: str, seed: int) -> str:
-    return (f"state add src {src} dst {dst} proto esp spi {spi:#x} reqid 1 mode tunnel "
-            f"mark {MARK} {algo(suite, seed)} replay-window 32")
 
 
-def policy_words(direction: str, src: str, dst: str) -> str:
-    return (f"policy add dir {direction} tmpl src {src} dst {dst} proto esp reqid 1 "
-            f"mode tunnel mark {MARK}")
 
 
 def make_vti(h: Host, me: str, peer: str, inside: str, suite: str) -> None:
@@ -129,14 +115,6 @@ def record_path(h: Host) -> str:
     return os.path.join(os.path.dirname(st["log"]), "xfrm.json")
 
 
-def wait_for(cond, timeout: float, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(step)
-    return cond()
 
 
 def pings(h: Host, dst: str, count: int, interval: str = "0.2") -> int:

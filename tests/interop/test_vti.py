@@ -13,30 +13,18 @@ import pytest
 
 from conftest import GUEST, PLANE
 from test_matrix import HOST, pings, tcp
+from nsutil import VTI_MARK as MARK, vti_policy_words as policy_words
+from nsutil import vti_state_words as sa_words
 
 SPI_IN, SPI_OUT = 0x1001, 0x2002     # as the host sees them: guest -> host, host -> guest
-MARK = 7
 
 
-def key(seed: int, n: int) -> str:
-    return bytes((seed * 7 + i) & 0xFF for i in range(n)).hex()
 
 
-def algo(suite: str, seed: int) -> str:
-    """The keys as `ip xfrm` takes them: rfc4106 KEY is the AES key and 4 bytes of salt."""
-    if suite == "gcm":
-        return f"aead 'rfc4106(gcm(aes))' 0x{key(seed, 20)} 128"
-    return f"enc 'cbc(aes)' 0x{key(seed, 16)} auth-trunc 'hmac(sha256)' 0x{key(seed + 1, 32)} 128"
 
 
-def sa_words(src: str, dst: str, spi: int, suite: str, seed: int) -> str:
-    return (f"state add src {src} dst {dst} proto esp spi {spi:#x} reqid 1 mode tunnel "
-            f"mark {MARK} {algo(suite, seed)} replay-window 32")
 
 
-def policy_words(direction: str, src: str, dst: str) -> str:
-    return (f"policy add dir {direction} tmpl src {src} dst {dst} proto esp reqid 1 "
-            f"mode tunnel mark {MARK}")
 
 
 def xfrm_stat(rig) -> dict[str, int]:
