@@ -87,12 +87,13 @@ def test_a_fresh_namespace(host):
 
 
 @pytest.mark.skipif(not NO_TUNNEL_MODULES, reason="this kernel has tunnel modules")
-def test_without_tunnel_modules_ipip_gre_sit_are_ebpf_or_userspace_and_vti_unavailable(host):
+def test_without_tunnel_modules_ipip_gre_sit_are_ebpf_or_userspace_and_vti_tunlds(host):
     _, out = doctor(host)
     planes = {l.split()[0]: l.split()[1] for l in out[1:6]}
     assert planes == {"ipip": NO_MODULE_PLANE, "gre": NO_MODULE_PLANE, "sit": NO_MODULE_PLANE,
-                      "isatap": NO_MODULE_PLANE, "vti": "unavailable"}
-    assert out[5].endswith("; the userspace data plane has no vti: it needs IPsec (xfrm)")
+                      "isatap": NO_MODULE_PLANE, "vti": "userspace"}
+    assert out[5].endswith("; tunld carries vti itself (ESP): /dev/net/tun and raw IP protocol "
+                           "50 sockets work")
 
 
 def test_json(host):
@@ -105,7 +106,7 @@ def test_json(host):
             "traffic is not affected)", "fix": "sysctl -w net.ipv4.ip_forward=1"} in r["findings"]
     if NO_TUNNEL_MODULES:
         assert [r["dataplane"][m]["plane"] for m in ("ipip", "gre", "sit", "vti")] == [
-            NO_MODULE_PLANE, NO_MODULE_PLANE, NO_MODULE_PLANE, "unavailable"]
+            NO_MODULE_PLANE, NO_MODULE_PLANE, NO_MODULE_PLANE, "userspace"]
 
 
 def test_not_root(host):

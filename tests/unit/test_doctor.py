@@ -167,7 +167,7 @@ def test_without_the_module_the_programs_loading_gives_the_ebpf_plane(host):
     p = host.plane("ipip")
     assert p.plane == "ebpf", p
     assert "the eBPF programs load and tc can attach them" in p.why
-    assert host.plane("vti").plane == "unavailable"
+    assert host.plane("vti").plane == "userspace"        # ESP: tunld's, not the programs'
     assert "oseq, ocsum, iseq and icsum tunnels take tunld's slow path" in host.plane("gre").why
     assert ("OK    eBPF: the programs load (bpf(2), privileges, verifier, helpers) and tc has "
             "clsact and bpf filters: tunnels without a kernel module get the eBPF data plane"
@@ -282,11 +282,17 @@ def test_no_lib_modules_for_this_release(host):
         "and raw IP protocol 4 sockets work")
 
 
-def test_vti_without_module_is_unavailable(host):
+def test_vti_without_module_is_tunlds_own(host):
     assert host.plane("vti") == doctor.Plane(
-        "unavailable", "ip_vti", "absent", f"no ip_vti module: not loaded, not built in, not in "
-        f"/lib/modules/{RELEASE}/modules.dep; the userspace data plane has no vti: it needs "
-        "IPsec (xfrm)")
+        "userspace", "ip_vti", "absent", f"no ip_vti module: not loaded, not built in, not in "
+        f"/lib/modules/{RELEASE}/modules.dep; tunld carries vti itself (ESP): /dev/net/tun and "
+        "raw IP protocol 50 sockets work")
+
+
+def test_vti_without_module_or_esp_sockets_is_unavailable(host):
+    host.raw_error = {50: errno.EPERM}
+    p = host.plane("vti")
+    assert p.plane == "unavailable" and "raw IP protocol 50 socket" in p.why, p
 
 
 def test_vti_with_its_module_is_kernel(host):
@@ -793,7 +799,7 @@ def test_the_report_and_its_exit_status(host, capsys):
     assert out[1] == ("  ipip    userspace    no ipip module: not loaded, not built in, not in "
                       f"/lib/modules/{RELEASE}/modules.dep; /dev/net/tun and raw IP protocol 4 "
                       "sockets work")
-    assert out[5].startswith("  vti     unavailable  no ip_vti module")
+    assert out[5].startswith("  vti     userspace    no ip_vti module")
     assert out[6] == "findings:"
     assert out[-1] == "tunnels: none"
     host.remove("dev/net/tun")
@@ -818,7 +824,7 @@ def test_json(host, capsys):
     r = json.loads(capsys.readouterr().out)
     assert set(r) == {"dataplane", "findings", "tunnels"}
     assert r["dataplane"]["ipip"]["plane"] == "userspace"
-    assert r["dataplane"]["vti"]["plane"] == "unavailable"
+    assert r["dataplane"]["vti"]["plane"] == "userspace"
     assert {"status": "WARN", "what": "net.ipv4.ip_forward = 0: containers and bridges behind "
             "this host cannot reach the tunnel (the kernel forwards nothing; this host's own "
             "traffic is not affected)", "fix": "sysctl -w net.ipv4.ip_forward=1"} in r["findings"]

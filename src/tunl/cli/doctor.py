@@ -27,6 +27,7 @@ MODULE = {"ipip": "ipip", "gre": "ip_gre", "sit": "sit", "isatap": "sit", "vti":
 RTNL_KIND = {"ipip": "ipip", "ip_gre": "gre", "sit": "sit", "ip_vti": "vti"}
 PROTO = {"ipip": 4, "gre": 47, "sit": 41, "isatap": 41}
 PROTO_MODE = {4: "ipip", 47: "gre", 41: "sit"}
+PROTO_ESP = 50                 # a vti's, on the userspace plane
 # outer headers per kernel tunnel kind without options (ip_tunnel_bind_dev(): MTU = underlay −
 # these); GRE options of a kernel tunnel are not in sysfs, so its key/csum/seq are not counted
 KIND_OVERHEAD = {"ipip": 20, "sit": 20, "vti": 20, "gre": 24}
@@ -125,9 +126,14 @@ def plane(f: Facts, mode: str) -> Plane:
     mod = MODULE[mode]
     if ok:
         return Plane("kernel", mod, state, why)
-    if mode == "vti":
-        return Plane("unavailable", mod, state,
-                     f"{why}; the userspace data plane has no vti: it needs IPsec (xfrm)")
+    if mode == "vti":            # ESP is tunld's own work: the eBPF programs have none of it
+        problems = userspace_problems(f, PROTO_ESP)
+        if problems:
+            return Plane("unavailable", mod, state,
+                         f"{why}; userspace cannot run: {'; '.join(problems)}")
+        return Plane("userspace", mod, state,
+                     f"{why}; tunld carries vti itself (ESP): /dev/net/tun and raw IP protocol "
+                     f"{PROTO_ESP} sockets work")
     problems = userspace_problems(f, PROTO[mode])
     if problems:
         return Plane("unavailable", mod, state,

@@ -675,7 +675,7 @@ def gather(rd: Readers) -> Facts:
         release=release, euid=rd.euid(), cap_eff=cap_eff(root),
         modules=mods, loading=module_loading(root),
         tun_errno=_errno_of(rd.open_tun, str(root / "dev/net/tun")),
-        raw_errno={p: _errno_of(rd.raw_socket, p) for p in (4, 47, 41)},
+        raw_errno={p: _errno_of(rd.raw_socket, p) for p in (4, 47, 41, 50)},
         ip_forward=read_int(root, "proc/sys/net/ipv4/ip_forward"),
         rp_filter={d: read_int(root, f"proc/sys/net/ipv4/conf/{d}/rp_filter") for d in rp_devs},
         links=lks, proc_devs=proc_net_dev(root), routes=rts,
