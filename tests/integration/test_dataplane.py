@@ -205,7 +205,8 @@ def test_malformed_and_foreign_packets_are_dropped_and_counted(o2o):
     ("tunnel add t1 mode ipip remote 172.16.232.194 local 172.16.232.172",
      "tunl0 has the same protocol, local and remote addresses and key"),
     ("tunnel add t2 mode ipip ttl 0x100", 'ttl "0x100": TTL is 1..255 or inherit'),
-    ("tunnel add t3 mode vti", "mode vti: a vti tunnel needs IPsec"),
+    ("tunnel add t3 mode vti --dataplane ebpf",
+     "a vti's packets are encrypted and decrypted by tunld itself (ESP)"),
 ])
 def test_bad_requests_get_one_line_and_change_nothing(o2o, words, message):
     _, a, _, _ = o2o
