@@ -322,3 +322,21 @@ def vti_state_words(src: str, dst: str, spi: int, suite: str, seed: int) -> str:
 def vti_policy_words(direction: str, src: str, dst: str) -> str:
     return (f"policy add dir {direction} tmpl src {src} dst {dst} proto esp reqid 1 "
             f"mode tunnel mark {VTI_MARK}")
+
+
+def vti_forged(suite: str, spi: int, src: str, dst: str, seq: int, inner_src: str,
+               inner_dst: str) -> bytes:
+    """An ESP packet for `spi` sealed with keys that are not the state's (scapy, an
+    independent implementation): its ESP part, an ICMP echo inside."""
+    from scapy.layers.inet import ICMP, IP
+    from scapy.layers.ipsec import ESP, SecurityAssociation
+    bad = bytes(range(100, 140))
+    if suite == "gcm":
+        sa = SecurityAssociation(ESP, spi=spi, crypt_algo="AES-GCM", crypt_key=bad[:20],
+                                 tunnel_header=IP(src=src, dst=dst))
+    else:
+        sa = SecurityAssociation(ESP, spi=spi, crypt_algo="AES-CBC", crypt_key=bad[:16],
+                                 auth_algo="SHA2-256-128", auth_key=bad[:32],
+                                 tunnel_header=IP(src=src, dst=dst))
+    sa.seq_num = seq
+    return bytes(sa.encrypt(IP(src=inner_src, dst=inner_dst) / ICMP())[ESP])

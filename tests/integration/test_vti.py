@@ -21,7 +21,7 @@ import pytest
 
 import nsutil
 from nsutil import Host, Net, alive, transfer, tunld_pids, wait_for
-from nsutil import VTI_MARK as MARK, vti_key as key
+from nsutil import VTI_MARK as MARK, vti_forged, vti_key as key
 from nsutil import vti_policy_words as policy_words, vti_state_words as state_words
 
 pytestmark = [pytest.mark.root]
@@ -180,20 +180,6 @@ def capture_esp(h: Host, spi: int, action) -> bytes:
     raise AssertionError("no ESP packet captured")
 
 
-def forged(suite: str, spi: int, src: str, dst: str, seq: int) -> bytes:
-    """An ESP packet for `spi` sealed with keys that are not the state's (scapy)."""
-    from scapy.layers.inet import ICMP, IP
-    from scapy.layers.ipsec import ESP, SecurityAssociation
-    bad = bytes(range(100, 140))
-    if suite == "gcm":
-        sa = SecurityAssociation(ESP, spi=spi, crypt_algo="AES-GCM", crypt_key=bad[:20],
-                                 tunnel_header=IP(src=src, dst=dst))
-    else:
-        sa = SecurityAssociation(ESP, spi=spi, crypt_algo="AES-CBC", crypt_key=bad[:16],
-                                 auth_algo="SHA2-256-128", auth_key=bad[:32],
-                                 tunnel_header=IP(src=src, dst=dst))
-    sa.seq_num = seq
-    return bytes(sa.encrypt(IP(src=A_IN, dst=B_IN) / ICMP())[ESP])
 
 
 def test_a_replayed_and_a_wrong_key_packet_are_dropped_and_counted(pair):
@@ -408,3 +394,7 @@ def test_bad_xfrm_words_give_one_line_exit_1_and_change_nothing(host):
         err = one_line_refusal(host.tunl(words, check=False))
         assert named in err, (words, err)
     assert snapshot() == was
+
+
+def forged(suite: str, spi: int, src: str, dst: str, seq: int) -> bytes:
+    return vti_forged(suite, spi, src, dst, seq, A_IN, B_IN)

@@ -626,12 +626,7 @@ def run_mesh(topo: Topology, out: TextIO, *, log: control.Log = control._quiet) 
         print("mesh demo: " + ("every check held" if ok else "FAILED"), file=out)
         return 0 if ok else 1
     finally:
-        with control.uninterrupted():
-            report = control.down(topo.name, log=log)
-            if running is not None:
-                running.reap()
-            if report.namespaces:
-                print(f"lab {topo.name}: down", file=out, flush=True)
+        _mesh_down(topo, running, log, out)
 
 
 # -- the demo of a mesh on segments: which pairs cross the underlay directly ------------------
@@ -892,10 +887,15 @@ def run_routed_mesh(topo: Topology, out: TextIO, *,
         print(f"{what}: " + ("every check held" if ok else "FAILED"), file=out)
         return 0 if ok else 1
     finally:
-        with control.uninterrupted():
-            report = control.down(topo.name, log=log)
-            if running is not None:
-                running.reap()
-            if report.namespaces:
-                print(f"lab {topo.name}: down", file=out, flush=True)
-            shutil.rmtree(tmpdir, ignore_errors=True)
+        _mesh_down(topo, running, log, out)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _mesh_down(topo: Topology, running, log, out) -> None:
+    """A mesh demo's end, whatever happened: the lab down, its agents reaped."""
+    with control.uninterrupted():
+        report = control.down(topo.name, log=log)
+        if running is not None:
+            running.reap()
+        if report.namespaces:
+            print(f"lab {topo.name}: down", file=out, flush=True)

@@ -73,6 +73,8 @@ class Xfrm:
         self.states: dict[tuple[bytes, int], Sa] = {}
         self.policies: list = []
         self.mib: Counter = Counter()        # /proc/net/xfrm_stat names -> count
+        # the policies as the data path matches them, derived from `policies` once per list
+        self._match: tuple[list, list] = ([], [])
 
     # -- configuration (the daemon's thread; the data path sees whole objects replaced) -----
 
@@ -112,7 +114,7 @@ class Xfrm:
         self.policies = [p for p in self.policies if p.key != policy_key]
 
     def counters(self) -> dict[str, int]:
-        """The MIB and the per-state anti-replay counters' sum, as `tunl -s` shows them."""
+        """The MIB, as `tunl -s` shows it."""
         return dict(self.mib)
 
     # -- the data path ----------------------------------------------------------------------
@@ -120,10 +122,17 @@ class Xfrm:
     def _policy(self, direction: str, mark: int, src: bytes, dst: bytes):
         """The first policy by priority whose mark and selector take the packet (a selector
         with an upper protocol is not a vti's: it takes none here); a block policy too."""
-        s, d = IPv4Address(src), IPv4Address(dst)
-        for p in self.policies:
-            if p.dir == direction and _marked(mark, p.mark, p.mark_mask) and \
-                    s in p.src and d in p.dst and p.proto is None:
+        policies, table = self._match
+        if policies is not self.policies:       # replaced by the daemon's thread: derive again
+            policies = self.policies
+            table = [(p, int(p.src.network_address), int(p.src.netmask),
+                      int(p.dst.network_address), int(p.dst.netmask))
+                     for p in policies if p.proto is None]
+            self._match = (policies, table)
+        s, d = int.from_bytes(src, "big"), int.from_bytes(dst, "big")
+        for p, snet, smask, dnet, dmask in table:
+            if p.dir == direction and s & smask == snet and d & dmask == dnet and \
+                    _marked(mark, p.mark, p.mark_mask):
                 return p
         return None
 
